@@ -6,6 +6,7 @@ reward model reaches on this data comes from relating the response to the prompt
 """
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -129,8 +130,8 @@ def naive_bayes_accuracy(train: list[dict], test: list[dict]) -> float:
 
     def log_odds(text: str) -> float:
         return sum(
-            torch.log(torch.tensor((chosen_counts[word] + 1) / chosen_total)).item()
-            - torch.log(torch.tensor((rejected_counts[word] + 1) / rejected_total)).item()
+            math.log((chosen_counts[word] + 1) / chosen_total)
+            - math.log((rejected_counts[word] + 1) / rejected_total)
             for word in words(text)
             if word in vocabulary
         )
