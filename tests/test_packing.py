@@ -8,9 +8,10 @@ import pytest
 import torch
 from launch_utils import SCRIPTS, read_rank_results, torchrun
 from tiny_models import ARCHITECTURES, save_tiny_backbone, tiny_config, tokenizer_dir
-from transformers import AutoModel, GPT2Config
+from transformers import AttentionInterface, AutoModel, GPT2Config
 
 from model_utils.reward_model import RewardModel
+from training import packing
 from training.data import PairCollator
 from training.losses import pairwise_loss
 from training.packing import (
@@ -26,8 +27,14 @@ PAD = 0
 TOLERANCE = 1e-5
 # (prompt, chosen, rejected) lengths: different lengths, an empty prompt, one-token responses.
 SHAPES = [(6, 3, 2), (2, 5, 4), (0, 2, 3), (9, 1, 1), (4, 1, 6), (1, 4, 2)]
-# mode: (max_tokens_per_row, share_prompt); 14 tokens forces several packed rows.
-MODES = {"packing": (14, False), "sharing": (None, True), "packing+sharing": (14, True)}
+# mode: (max_tokens_per_row, share_prompt, segment_attention); 14 tokens forces several packed rows.
+MODES = {
+    "packing": (14, False, False),
+    "sharing": (None, True, False),
+    "packing+sharing": (14, True, False),
+    "segments": (None, False, True),
+    "segments+sharing": (None, True, True),
+}
 
 
 def make_pairs(shapes=SHAPES, seed: int = 0) -> list[dict]:
@@ -75,8 +82,16 @@ def plain(model: RewardModel, pairs: list[dict]):
     return chosen_rewards, rejected_rewards, batch.get("margin")
 
 
-def packed(model: RewardModel, pairs: list[dict], max_tokens_per_row: int | None, share_prompt: bool):
-    batch = PackedPairCollator(PAD, max_tokens_per_row, share_prompt)(pairs)
+def packed(
+    model: RewardModel,
+    pairs: list[dict],
+    max_tokens_per_row: int | None,
+    share_prompt: bool,
+    segment_attention: bool = False,
+):
+    batch = PackedPairCollator(PAD, max_tokens_per_row, share_prompt, segment_attention=segment_attention)(
+        pairs
+    )
     return (*packed_rewards(model, batch), batch.get("margin"))
 
 
@@ -93,9 +108,9 @@ def test_packed_rewards_and_gradients_equal_plain(architecture):
     expected_chosen, expected_rejected, expected_gradients = rewards_and_gradients(
         model, lambda: plain(model, pairs)
     )
-    for mode, (max_tokens_per_row, share_prompt) in MODES.items():
+    for mode, arguments in MODES.items():
         chosen, rejected, gradients = rewards_and_gradients(
-            model, lambda m=max_tokens_per_row, s=share_prompt: packed(model, pairs, m, s)
+            model, lambda a=arguments: packed(model, pairs, *a)
         )
         torch.testing.assert_close(
             chosen, expected_chosen, atol=TOLERANCE, rtol=0, msg=f"{architecture} {mode}"
@@ -118,6 +133,43 @@ def test_eager_attention_takes_the_additive_mask(architecture):
         chosen, rejected, _ = packed(model, pairs, 14, True)
     torch.testing.assert_close(chosen, expected_chosen, atol=TOLERANCE, rtol=0)
     torch.testing.assert_close(rejected, expected_rejected, atol=TOLERANCE, rtol=0)
+
+
+def test_segment_attention_is_one_unpadded_row_and_attends_per_sequence(monkeypatch):
+    pairs = make_pairs()
+    lengths = lengths_of(pairs)
+    batch = PackedPairCollator(PAD, 14, share_prompt=True, segment_attention=True)(pairs)
+    assert batch["input_ids"].shape == (1, sum(p + c + r for p, c, r in lengths))
+    assert "attention_mask" not in batch and (batch["input_ids"] != PAD).all()
+    starts = [0, *torch.tensor([p + c + r for p, c, r in lengths]).cumsum(0)[:-1].tolist()]
+    assert batch["segments"].tolist() == [[s, p, c, r] for s, (p, c, r) in zip(starts, lengths, strict=True)]
+
+    # The sdpa backbone is switched to the segment attention, which runs once per layer with the segments
+    # (a dropped keyword would silently attend across the whole row); plain batches still give sdpa's rewards.
+    model = build_model("llama", attn_implementation="sdpa")
+    with torch.no_grad():
+        expected_chosen, expected_rejected, _ = plain(model, pairs)
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("rewardspeed_segments"))
+        return packing.segment_attention_forward(*args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, packing.SEGMENT_ATTENTION, counting)
+    with torch.no_grad():
+        chosen, rejected = packed_rewards(model, batch)
+        assert model.config._attn_implementation == packing.SEGMENT_ATTENTION
+        assert len(calls) == model.config.num_hidden_layers and all(calls)
+        calls.clear()
+        plain_again = plain(model, pairs)
+    assert len(calls) == model.config.num_hidden_layers and not any(calls)
+    for got, expected in ((chosen, expected_chosen), (rejected, expected_rejected)):
+        torch.testing.assert_close(got, expected, atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(plain_again[0], expected_chosen, atol=0, rtol=0)
+
+    eager = build_model("llama", attn_implementation="eager")
+    with pytest.raises(ValueError, match="sdpa"):
+        packed_rewards(eager, batch)
 
 
 def lengths_of(pairs: list[dict]) -> list[tuple[int, int, int]]:
@@ -217,6 +269,7 @@ def test_zero3_packed_shared_training_equals_plain(tmp_path):
     torchrun([os.path.join(SCRIPTS, "zero_packing.py"), *arguments, "--stage", "3", "--accumulation", "2"])
     for result in read_rank_results(str(tmp_path)):
         # Losses of 6 micro-steps (3 optimizer steps): equal, so packed gradients trained the same weights.
-        torch.testing.assert_close(
-            torch.tensor(result["packed_forward"]), torch.tensor(result["plain"]), rtol=1e-4, atol=1e-7
-        )
+        for run in ("packed_forward", "segments"):
+            torch.testing.assert_close(
+                torch.tensor(result[run]), torch.tensor(result["plain"]), rtol=1e-4, atol=1e-7, msg=run
+            )

@@ -14,7 +14,15 @@ prompt, so each rejected token sees exactly what it sees in `prompt + rejected`;
 Rewards are read at the last chosen and the last rejected token. Sharing and packing combine: several such
 pair-sequences go into one packed row.
 
-The 4D mask is handed to the backbone as `attention_mask`; transformers 5's `masking_utils.create_causal_mask`
+Segment attention (`segment_attention=True`, what training uses with sdpa backbones): the whole micro-batch
+is ONE row with no padding at all, and instead of a mask the batch carries `segments`, where each sequence
+(and a shared pair's rejected branch) starts and how long it is. `packed_rewards` switches the backbone to
+`SEGMENT_ATTENTION`, an attention function registered in transformers' `AttentionInterface` that runs one
+causal SDPA per sequence (`segment_attention_forward`), so attention costs the sum of the squared sequence
+lengths instead of the squared row length, and no `L x L` mask is built. For any batch without `segments` the
+function is plain `sdpa`, so the switched model scores padded batches as before.
+
+Otherwise, the 4D mask is handed to the backbone as `attention_mask`; transformers 5's `masking_utils.create_causal_mask`
 returns a 4D mask as is (the documented way to give a custom mask), for `sdpa` (boolean, True = attend) and
 `eager` (additive float, converted here). Backbones whose position information does not come from
 `position_ids` (Bloom's ALiBi is built from the 2D mask) cannot take this and are refused by
@@ -39,7 +47,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
+from torch.nn import functional
+from transformers import AttentionInterface, PretrainedConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 # What a token is, for the prompt-sharing rule "rejected never sees chosen".
 SHARED = 0  # prompt tokens, and every token of an unshared sequence
@@ -48,7 +59,9 @@ REJECTED = 2
 
 # Backbones checked token for token against the plain padded batch (tests/test_packing.py).
 EXACT_MODEL_TYPES = ("llama", "qwen2", "gpt2", "opt", "gpt_neox")
-MASK_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+# The backbone attention that reads `segments` (and is exactly `sdpa` for any other batch).
+SEGMENT_ATTENTION = "rewardspeed_segments"
+MASK_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", SEGMENT_ATTENTION)
 
 
 def supports_packing(config: PretrainedConfig) -> tuple[bool, str]:
@@ -155,6 +168,10 @@ class PackedPairCollator:
             a row of its own). None: one sequence per row (prompt sharing without packing).
         share_prompt: one sequence `prompt + chosen + rejected` per pair instead of two.
         pad_to_multiple_of: round the row length up to a multiple of this.
+        segment_attention: lay every sequence of the batch end to end in ONE row (no padding at all) and
+            describe them by `segments` instead of a 4D mask; the backbone then attends within each sequence
+            only (`segment_attention_forward`), so attention costs what the sequences cost alone, not the
+            square of the row. `max_tokens_per_row` and `pad_to_multiple_of` do not apply.
 
     Returns (from `__call__`, for B pairs packed into R rows of L tokens):
         `input_ids` LongTensor[R, L]; `position_ids` LongTensor[R, L], restarting at 0 for every sequence (and
@@ -163,6 +180,10 @@ class PackedPairCollator:
         padding token only to itself); `chosen_index`, `rejected_index` LongTensor[B], flat indices into
         `input_ids.view(-1)` of each pair's last chosen / last rejected token; `margin` FloatTensor[B] when any
         pair has a margin (a missing one counts as 0.0), as `PairCollator` gives it.
+        With `segment_attention`: R = 1, no `attention_mask`, and `segments` LongTensor[S, 4], one row per
+        sequence: (start, prefix, first, second) token counts: the `prefix + first` tokens from `start` are
+        causal; the `second` tokens after them see the prefix and each other, not `first` (a shared pair:
+        prompt, chosen, rejected; an unshared sequence: its length, 0, 0).
 
     >>> collate = PackedPairCollator(pad_token_id=0, max_tokens_per_row=8, share_prompt=True)
     >>> batch = collate([
@@ -185,6 +206,7 @@ class PackedPairCollator:
     max_tokens_per_row: int | None
     share_prompt: bool = False
     pad_to_multiple_of: int | None = None
+    segment_attention: bool = False
 
     def __post_init__(self) -> None:
         if self.pad_token_id is None:
@@ -214,9 +236,12 @@ class PackedPairCollator:
     def __call__(self, pairs: Sequence[dict]) -> dict[str, torch.Tensor]:
         tokens, positions, kinds = self._sequences(pairs)
         lengths = torch.tensor([len(sequence) for sequence in tokens])
-        rows = pack_lengths(lengths.tolist(), self.max_tokens_per_row)
-        multiple = self.pad_to_multiple_of or 1
-        row_length = multiple * math.ceil(max(int(lengths[row].sum()) for row in rows) / multiple)
+        if self.segment_attention:
+            rows, row_length = [list(range(len(tokens)))], int(lengths.sum())
+        else:
+            rows = pack_lengths(lengths.tolist(), self.max_tokens_per_row)
+            multiple = self.pad_to_multiple_of or 1
+            row_length = multiple * math.ceil(max(int(lengths[row].sum()) for row in rows) / multiple)
 
         # Where each sequence starts, as a flat index into the [R, L] batch.
         sequence_row = torch.empty(len(tokens), dtype=torch.long)
@@ -247,13 +272,6 @@ class PackedPairCollator:
         kind[flat_slot] = torch.tensor([k for sequence in kinds for k in sequence], dtype=torch.long)
         sequence_id[flat_slot] = torch.repeat_interleave(torch.arange(len(tokens)), lengths)
 
-        sequence_id = sequence_id.view(-1, row_length)
-        kind = kind.view(-1, row_length)
-        causal = torch.ones(row_length, row_length, dtype=torch.bool).tril()
-        same_sequence = sequence_id[:, :, None] == sequence_id[:, None, :]
-        rejected_sees_chosen = (kind[:, :, None] == REJECTED) & (kind[:, None, :] == CHOSEN)
-        attention_mask = (same_sequence & causal & ~rejected_sees_chosen).unsqueeze(1)
-
         # Each pair's reward positions: last chosen / last rejected token.
         prompt_length = torch.tensor([len(pair["prompt_ids"]) for pair in pairs])
         chosen_length = torch.tensor([len(pair["chosen_ids"]) for pair in pairs])
@@ -268,10 +286,24 @@ class PackedPairCollator:
         batch = {
             "input_ids": input_ids.view(-1, row_length),
             "position_ids": position_ids.view(-1, row_length),
-            "attention_mask": attention_mask,
             "chosen_index": chosen_index,
             "rejected_index": rejected_index,
         }
+        if self.segment_attention:
+            if self.share_prompt:
+                batch["segments"] = torch.stack(
+                    [sequence_start, prompt_length, chosen_length, rejected_length], dim=1
+                )
+            else:
+                zeros = torch.zeros_like(lengths)
+                batch["segments"] = torch.stack([sequence_start, lengths, zeros, zeros], dim=1)
+        else:
+            sequence_id = sequence_id.view(-1, row_length)
+            kind = kind.view(-1, row_length)
+            causal = torch.ones(row_length, row_length, dtype=torch.bool).tril()
+            same_sequence = sequence_id[:, :, None] == sequence_id[:, None, :]
+            rejected_sees_chosen = (kind[:, :, None] == REJECTED) & (kind[:, None, :] == CHOSEN)
+            batch["attention_mask"] = (same_sequence & causal & ~rejected_sees_chosen).unsqueeze(1)
         margins = [pair.get("margin") for pair in pairs]
         if any(margin is not None for margin in margins):
             batch["margin"] = torch.tensor([0.0 if margin is None else margin for margin in margins])
@@ -286,6 +318,88 @@ def backbone_attention_mask(mask: torch.Tensor, config: PretrainedConfig, dtype:
             ~mask, torch.finfo(dtype).min
         )
     return mask
+
+
+def segment_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    rewardspeed_segments: Sequence[tuple[int, int, int, int]] | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention of a `segment_attention` row: one causal SDPA per sequence instead of one masked SDPA over
+    the whole row, so the cost is the sum of the squares of the sequence lengths, not the square of their sum.
+
+    Registered in transformers' `AttentionInterface` as `SEGMENT_ATTENTION`; `packed_rewards` switches an sdpa
+    backbone to it and passes the batch's `segments` as the `rewardspeed_segments` keyword, which the decoder
+    layers hand through to attention. Without that keyword (plain padded batches) it IS `sdpa`.
+
+    For a shared pair `(start, prompt, chosen, rejected)`: the prompt + chosen tokens attend causally among
+    themselves; the rejected tokens attend to the prompt and causally to each other (keys = prompt + rejected,
+    mask `tril(diagonal=prompt)`), exactly what `prompt + rejected` alone computes for them.
+
+    Returns:
+        `([1, N, heads, head_dim], None)` as transformers' attention functions do.
+    """
+    if rewardspeed_segments is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if query.shape[0] != 1:
+        raise ValueError(f"segment attention takes one packed row, got a batch of {query.shape[0]}")
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: every query head gets its key/value head
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    dropout = dropout if module.training else 0.0
+    # Split (not slice) the row: the backward of a split is one concatenation, where every slice's backward
+    # would write a zero-filled tensor of the whole row.
+    sizes = [size for _, prefix, first, second in rewardspeed_segments for size in (prefix + first, second)]
+    if sum(sizes) != query.shape[2]:
+        raise ValueError(f"segments cover {sum(sizes)} tokens, the row has {query.shape[2]}")
+    queries, keys, values = (tensor.split(sizes, dim=2) for tensor in (query, key, value))
+    outputs = []
+    for index, (_, prefix, _, second) in enumerate(rewardspeed_segments):
+        head = 2 * index  # the prefix + first chunk; `head + 1` is the second branch
+        outputs.append(
+            functional.scaled_dot_product_attention(
+                queries[head], keys[head], values[head], dropout_p=dropout, is_causal=True, scale=scaling
+            )
+        )
+        if second:
+            sees = torch.ones(second, prefix + second, dtype=torch.bool, device=query.device).tril(prefix)
+            outputs.append(
+                functional.scaled_dot_product_attention(
+                    queries[head + 1],
+                    torch.cat([keys[head][:, :, :prefix], keys[head + 1]], dim=2),
+                    torch.cat([values[head][:, :, :prefix], values[head + 1]], dim=2),
+                    attn_mask=sees,
+                    dropout_p=dropout,
+                    scale=scaling,
+                )
+            )
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SEGMENT_ATTENTION, segment_attention_forward)
+ALL_MASK_ATTENTION_FUNCTIONS.register(SEGMENT_ATTENTION, sdpa_mask)
+
+
+def use_segment_attention(reward_model: nn.Module) -> None:
+    """Switch an sdpa backbone to `SEGMENT_ATTENTION` (a no-op when it already is; plain batches compute the
+    same either way). Raises ValueError for other attention implementations, naming them."""
+    attention = reward_model.config._attn_implementation
+    if attention == SEGMENT_ATTENTION:
+        return
+    if attention != "sdpa":
+        raise ValueError(
+            f"segment_attention batches need attn_implementation='sdpa', the backbone has {attention!r}; "
+            "collate without segment_attention (a 4D mask) instead"
+        )
+    reward_model.backbone.set_attn_implementation(SEGMENT_ATTENTION)
 
 
 def packed_rewards(
@@ -310,10 +424,20 @@ def packed_rewards(
     supported, reason = supports_packing(reward_model.config)
     if not supported:
         raise ValueError(reason)
+    reward_index = torch.cat([batch["chosen_index"], batch["rejected_index"]])
+    if "segments" in batch:
+        use_segment_attention(reward_model)
+        rewards = model_or_engine(
+            batch["input_ids"],
+            torch.ones_like(batch["input_ids"]),  # sdpa_mask turns an all-ones mask into None (no L x L mask)
+            batch["position_ids"],
+            reward_index=reward_index,
+            rewardspeed_segments=[tuple(segment) for segment in batch["segments"].tolist()],
+        )
+        return rewards.chunk(2)
     attention_mask = backbone_attention_mask(
         batch["attention_mask"], reward_model.config, reward_model.v_head.weight.dtype
     )
-    reward_index = torch.cat([batch["chosen_index"], batch["rejected_index"]])
     rewards = model_or_engine(
         batch["input_ids"], attention_mask, batch["position_ids"], reward_index=reward_index
     )

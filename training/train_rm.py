@@ -85,7 +85,7 @@ def build_collator(config: TrainConfig, tokenizer, model_config):
     `auto` turns packing and prompt sharing on for backbones and losses where they give the plain rewards
     (fp32, 1e-5); `on` where they cannot is an error naming the reason.
     """
-    from training.packing import PackedPairCollator, supports_packing
+    from training.packing import SEGMENT_ATTENTION, PackedPairCollator, supports_packing
 
     supported, reason = supports_packing(model_config)
     if config.loss_type != "pairwise":
@@ -99,7 +99,15 @@ def build_collator(config: TrainConfig, tokenizer, model_config):
     if not (packing or share_prompt):
         return PairCollator(tokenizer.pad_token_id)
     budget = config.max_seq_len * (2 if share_prompt else 1) if packing else None
-    return PackedPairCollator(tokenizer.pad_token_id, max_tokens_per_row=budget, share_prompt=share_prompt)
+    # sdpa backbones: one row per micro-batch, attention per sequence (no padding, no L x L mask); eager:
+    # rows of at most `budget` tokens with a block-diagonal 4D mask.
+    segment_attention = packing and model_config._attn_implementation in ("sdpa", SEGMENT_ATTENTION)
+    return PackedPairCollator(
+        tokenizer.pad_token_id,
+        max_tokens_per_row=budget,
+        share_prompt=share_prompt,
+        segment_attention=segment_attention,
+    )
 
 
 def freeze_bottom_layers(reward_model, num_frozen_layers: int) -> None:
@@ -134,7 +142,9 @@ def build_optimizer(reward_model, config: TrainConfig, ds_config: dict):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=config.learning_rate, betas=(0.9, 0.95))
-    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.95))
+    # fused: one kernel per parameter (CPU since torch 2.4, CUDA): the same AdamW, 4-6x faster per step
+    # on CPU than the default multi-tensor form (benchmarks/README.md).
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.95), fused=True)
 
 
 def build_scheduler(optimizer, config: TrainConfig, num_training_steps: int):

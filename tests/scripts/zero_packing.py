@@ -4,8 +4,9 @@
 
 Two engines start from the same weights (ZeRO stage N, gradient accumulation A): "plain" trains on
 `PairCollator` batches, "packed_forward" on packed + prompt-shared `PackedPairCollator` batches through
-`packed_rewards(engine, ...)` (one `engine(...)` call with `reward_index`). Each rank writes `O/rank{r}.json`
-with both runs' losses per micro-step.
+`packed_rewards(engine, ...)` (one `engine(...)` call with `reward_index`), "segments" on prompt-shared
+batches in one row with segment attention. Each rank writes `O/rank{r}.json` with every run's losses per
+micro-step.
 """
 
 import argparse
@@ -96,9 +97,13 @@ def main() -> None:
     results = {}
     plain_collator = PairCollator(pad_token_id=0)
     packed_collator = PackedPairCollator(pad_token_id=0, max_tokens_per_row=16, share_prompt=True)
+    segment_collator = PackedPairCollator(
+        pad_token_id=0, max_tokens_per_row=None, share_prompt=True, segment_attention=True
+    )
     runs = {
         "plain": (plain_collator, plain_rewards),
         "packed_forward": (packed_collator, packed_rewards),
+        "segments": (segment_collator, packed_rewards),
     }
     for name, (collate, rewards_of) in runs.items():
         config = ds_config(args.stage, args.accumulation)
