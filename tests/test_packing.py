@@ -27,13 +27,16 @@ PAD = 0
 TOLERANCE = 1e-5
 # (prompt, chosen, rejected) lengths: different lengths, an empty prompt, one-token responses.
 SHAPES = [(6, 3, 2), (2, 5, 4), (0, 2, 3), (9, 1, 1), (4, 1, 6), (1, 4, 2)]
-# mode: (max_tokens_per_row, share_prompt, segment_attention); 14 tokens forces several packed rows.
+# mode: (max_tokens_per_row, share_prompt, segment_attention, segment block tokens); 14 tokens forces several
+# packed rows; segment blocks of 0 tokens: one SDPA per sequence; 12: some sequences alone, some in blocks.
 MODES = {
-    "packing": (14, False, False),
-    "sharing": (None, True, False),
-    "packing+sharing": (14, True, False),
-    "segments": (None, False, True),
-    "segments+sharing": (None, True, True),
+    "packing": (14, False, False, None),
+    "sharing": (None, True, False, None),
+    "packing+sharing": (14, True, False, None),
+    "segments": (None, False, True, 0),
+    "segments+sharing": (None, True, True, 0),
+    "segment-blocks": (None, False, True, 12),
+    "segment-blocks+sharing": (None, True, True, 12),
 }
 
 
@@ -88,11 +91,17 @@ def packed(
     max_tokens_per_row: int | None,
     share_prompt: bool,
     segment_attention: bool = False,
+    block_tokens: int | None = None,
 ):
     batch = PackedPairCollator(PAD, max_tokens_per_row, share_prompt, segment_attention=segment_attention)(
         pairs
     )
-    return (*packed_rewards(model, batch), batch.get("margin"))
+    default_block_tokens = packing.SEGMENT_BLOCK_TOKENS
+    packing.SEGMENT_BLOCK_TOKENS = default_block_tokens if block_tokens is None else block_tokens
+    try:
+        return (*packed_rewards(model, batch), batch.get("margin"))
+    finally:
+        packing.SEGMENT_BLOCK_TOKENS = default_block_tokens
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -170,6 +179,21 @@ def test_segment_attention_is_one_unpadded_row_and_attends_per_sequence(monkeypa
     eager = build_model("llama", attn_implementation="eager")
     with pytest.raises(ValueError, match="sdpa"):
         packed_rewards(eager, batch)
+
+
+def test_segment_plan_blocks_short_sequences_and_keeps_long_ones_alone():
+    # (start, prefix, first, second): a shared pair of 9 tokens, two sequences of 3 and 4, a long shared pair.
+    segments = [(0, 4, 2, 3), (9, 3, 0, 0), (12, 4, 0, 0), (16, 10, 5, 6)]
+    plan = packing.plan_segments(segments, torch.device("cpu"), block_tokens=16)
+    assert plan.sizes == [16, 15, 6]  # block of the first three; the long pair as prompt+chosen, rejected
+    assert [step[0] for step in plan.steps] == ["block", "causal", "branch"]
+    block = plan.steps[0][1]
+    assert block.shape == (16, 16) and not block[9:, :9].any() and not block[:9, 9:].any()
+    assert not block[6:9, 4:6].any() and block[6:9, :4].all()  # rejected: the prompt yes, the chosen no
+    _, head, prefix, branch = plan.steps[2]
+    assert (head, prefix) == (1, 10) and torch.equal(branch, torch.ones(6, 16, dtype=torch.bool).tril(10))
+    alone = packing.plan_segments(segments, torch.device("cpu"), block_tokens=0)
+    assert [step[0] for step in alone.steps] == ["causal", "branch", "causal", "causal", "causal", "branch"]
 
 
 def lengths_of(pairs: list[dict]) -> list[tuple[int, int, int]]:
@@ -269,7 +293,7 @@ def test_zero3_packed_shared_training_equals_plain(tmp_path):
     torchrun([os.path.join(SCRIPTS, "zero_packing.py"), *arguments, "--stage", "3", "--accumulation", "2"])
     for result in read_rank_results(str(tmp_path)):
         # Losses of 6 micro-steps (3 optimizer steps): equal, so packed gradients trained the same weights.
-        for run in ("packed_forward", "segments"):
+        for run in ("packed_forward", "segments", "segments_alone"):
             torch.testing.assert_close(
                 torch.tensor(result[run]), torch.tensor(result["plain"]), rtol=1e-4, atol=1e-7, msg=run
             )

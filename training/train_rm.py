@@ -144,7 +144,11 @@ def build_optimizer(reward_model, config: TrainConfig, ds_config: dict):
         return DeepSpeedCPUAdam(groups, lr=config.learning_rate, betas=(0.9, 0.95))
     # fused: one kernel per parameter (CPU since torch 2.4, CUDA): the same AdamW, 4-6x faster per step
     # on CPU than the default multi-tensor form (benchmarks/README.md).
-    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.95), fused=True)
+    try:
+        return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.95), fused=True)
+    except RuntimeError as error:  # a device without torch's fused kernels
+        logger.warning("fused AdamW unavailable (%s); using the multi-tensor AdamW", error)
+        return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.95))
 
 
 def build_scheduler(optimizer, config: TrainConfig, num_training_steps: int):

@@ -22,6 +22,7 @@ init_distributed()
 import deepspeed  # noqa: E402
 
 from model_utils.model_factory import create_critic_model, load_tokenizer  # noqa: E402
+from training import packing  # noqa: E402
 from training.data import PairCollator  # noqa: E402
 from training.losses import pairwise_loss  # noqa: E402
 from training.packing import PackedPairCollator, packed_rewards  # noqa: E402
@@ -103,9 +104,11 @@ def main() -> None:
     runs = {
         "plain": (plain_collator, plain_rewards),
         "packed_forward": (packed_collator, packed_rewards),
-        "segments": (segment_collator, packed_rewards),
+        "segments": (segment_collator, packed_rewards),  # short sequences: attended in blocks
+        "segments_alone": (segment_collator, packed_rewards),  # one SDPA per sequence
     }
     for name, (collate, rewards_of) in runs.items():
+        packing.SEGMENT_BLOCK_TOKENS = 0 if name == "segments_alone" else 128
         config = ds_config(args.stage, args.accumulation)
         reward_model = create_critic_model(args.model_dir, tokenizer, config, dropout=0.0)
         torch.manual_seed(1)  # the head is created outside zero.Init: the same on every rank and run
