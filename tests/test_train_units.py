@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from training.arguments import ConfigError, TrainConfig, parse_args
 from training.ds_config import CONFIG_DIR, build_ds_config, inference_config, resolve_dtype
 from training.losses import center_rewards_loss, divergence_span_loss, pairwise_loss
-from training.trainer import epoch_batches, total_steps
+from training.trainer import TrainingError, TrainState, epoch_batches, total_steps, train
 
 # --- config --------------------------------------------------------------------------------------------------
 
@@ -237,6 +237,34 @@ def test_epoch_batches_are_deterministic_disjoint_and_whole_steps():
     assert len(seen) == len(set(seen)) == 96  # 6 whole steps of 16 pairs
     assert len(rank0) == len(rank1) == 12
     assert epoch_batches(103, 1, 1, 4, 2, 0, 2) != rank0  # reshuffled each epoch
+
+
+def test_group_by_length_gives_each_step_similar_lengths_on_every_rank():
+    lengths = torch.randint(10, 900, (203,), generator=torch.Generator().manual_seed(5)).tolist()
+    ranks = [epoch_batches(203, 0, 1, 4, 2, rank, 2, lengths) for rank in (0, 1)]
+    assert ranks[0] == epoch_batches(203, 0, 1, 4, 2, 0, 2, lengths)
+    assert epoch_batches(203, 1, 1, 4, 2, 0, 2, lengths) != ranks[0]  # reshuffled each epoch
+    seen = [i for batches in ranks for batch in batches for i in batch]
+    assert len(seen) == len(set(seen)) == 192  # 12 whole steps of 16 pairs
+
+    def spread(groups):  # mean max-min length over the 8 pairs that run side by side on the two ranks
+        return sum(max(lengths[i] for i in g) - min(lengths[i] for i in g) for g in groups) / len(groups)
+
+    side_by_side = [a + b for a, b in zip(*ranks, strict=True)]
+    shuffled = [a + b for a, b in zip(*(epoch_batches(203, 0, 1, 4, 2, r, 2) for r in (0, 1)), strict=True)]
+    assert spread(side_by_side) < spread(shuffled) / 4
+
+
+def test_resume_refuses_a_checkpoint_with_another_data_order():
+    pairs = [{"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3]}] * 40
+    config = TrainConfig(per_device_train_batch_size=4, group_by_length=True)
+    saved = TrainState(
+        global_step=3,
+        batches_done_in_epoch=3,
+        data_order=f"pairs=40 seed={config.seed} micro_batch=4 accumulation=1 ranks=1 group_by_length=False",
+    )
+    with pytest.raises(TrainingError, match="cannot resume.*group_by_length=False.*group_by_length=True"):
+        train(None, pairs, [], None, config, saved, None)  # refused before anything runs
 
 
 def test_total_steps_respects_epochs_and_max_steps():

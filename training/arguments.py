@@ -98,6 +98,13 @@ class TrainConfig:
     num_warmup_steps: int = field(default=0, metadata=_help("Linear warm-up steps."))
     seed: int = field(default=1234, metadata=_help("Seed for data order, splits and initialisation."))
     gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute activations in backward."))
+    group_by_length: bool = field(
+        default=False,
+        metadata=_help(
+            "Micro-batches of pairs of similar length (transformers' length-grouped sampling, groups in random "
+            "order): less padding in plain batches, similar work per rank in packed ones."
+        ),
+    )
     loss_type: str = field(
         default="pairwise",
         metadata=_help(

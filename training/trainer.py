@@ -29,7 +29,7 @@ from training.arguments import TrainConfig
 from training.data import PairCollator
 from training.evaluate import reward_statistics
 from training.losses import center_rewards_loss, divergence_span_loss, pairwise_loss
-from training.packing import PackedPairCollator, packed_rewards
+from training.packing import PackedPairCollator, length_grouped_order, packed_rewards
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,9 @@ class TrainState:
     epoch: int = 0
     batches_done_in_epoch: int = 0  # micro-batches of this epoch already trained (per rank)
     pairs_seen: int = 0  # over all ranks
+    # What the epoch order depends on; a resumed run must match it, or `batches_done_in_epoch` would point
+    # into a different order (pairs trained twice or never). "" in checkpoints from before it was recorded.
+    data_order: str = ""
 
 
 # --- data order --------------------------------------------------------------------------------------------
@@ -62,17 +65,24 @@ def epoch_batches(
     accumulation: int,
     this_rank: int,
     ranks: int,
+    lengths: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """This rank's micro-batches (pair indices) for one epoch; whole optimizer steps only.
 
     The permutation depends only on (seed, epoch); every rank takes every `ranks`-th pair, so the global
-    step sees the same pairs whatever the world size's split.
+    step sees the same pairs whatever the world size's split. With `lengths` (tokens per pair;
+    `--group_by_length`) the permutation is `length_grouped_order` with groups of `micro_batch_size * ranks`:
+    the micro-batches that run side by side on the ranks hold pairs of similar length (less padding in plain
+    batches, similar work per rank in packed ones), the groups still in random order.
 
     >>> epoch_batches(10, 0, 0, micro_batch_size=2, accumulation=1, this_rank=0, ranks=2)  # doctest: +SKIP
     [[4, 7], [0, 2]]
     """
-    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-    order = torch.randperm(num_pairs, generator=generator).tolist()
+    if lengths is not None:
+        order = length_grouped_order(lengths, micro_batch_size * ranks, seed=seed * 1000 + epoch)
+    else:
+        generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+        order = torch.randperm(num_pairs, generator=generator).tolist()
     pairs_per_step = micro_batch_size * accumulation * ranks
     usable = (num_pairs // pairs_per_step) * pairs_per_step
     mine = order[:usable][this_rank::ranks]
@@ -353,8 +363,24 @@ def train(
     ranks, this_rank = world_size(), rank()
     accumulation = config.gradient_accumulation_steps
     last_step = total_steps(len(train_pairs), config, ranks)
+    data_order = (
+        f"pairs={len(train_pairs)} seed={config.seed} micro_batch={config.per_device_train_batch_size} "
+        f"accumulation={accumulation} ranks={ranks} group_by_length={config.group_by_length}"
+    )
+    if state.data_order and state.data_order != data_order:
+        raise TrainingError(
+            f"cannot resume: the checkpoint's data order ({state.data_order}) differs from this run's "
+            f"({data_order}); resume with the same data and flags, or start a new --output_dir"
+        )
+    state.data_order = data_order
     progress = tqdm(
         total=last_step, initial=state.global_step, desc="train", disable=this_rank != 0, dynamic_ncols=True
+    )
+    # Tokens a pair costs unpacked (the prompt twice); what --group_by_length sorts by.
+    lengths = (
+        [2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in train_pairs]
+        if config.group_by_length
+        else None
     )
     engine.train()
     start_time = time.time()
@@ -367,6 +393,7 @@ def train(
             accumulation,
             this_rank,
             ranks,
+            lengths,
         )
         step_loss, step_accuracy = [], []
         while state.batches_done_in_epoch < len(batches) and state.global_step < last_step:
