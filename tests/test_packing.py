@@ -297,3 +297,25 @@ def test_zero3_packed_shared_training_equals_plain(tmp_path):
             torch.testing.assert_close(
                 torch.tensor(result[run]), torch.tensor(result["plain"]), rtol=1e-4, atol=1e-7, msg=run
             )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_segment_attention_on_cuda_equals_the_padded_batch(dtype):
+    """The CUDA SDPA kernels (flash / memory-efficient) through segment attention, per sequence and in blocks."""
+    model = build_model("llama", attn_implementation="sdpa").to("cuda", dtype)
+    pairs = make_pairs(seed=3)
+    tolerance = TOLERANCE if dtype == torch.float32 else 3e-2
+    with torch.no_grad():
+        plain_batch = {key: value.cuda() for key, value in PairCollator(pad_token_id=PAD)(pairs).items()}
+        expected = model(plain_batch["input_ids"], plain_batch["attention_mask"]).float()
+        for block_tokens in (0, 12):
+            batch = PackedPairCollator(PAD, None, share_prompt=True, segment_attention=True)(pairs)
+            batch = {key: value.cuda() for key, value in batch.items()}
+            packing.SEGMENT_BLOCK_TOKENS, default = block_tokens, packing.SEGMENT_BLOCK_TOKENS
+            try:
+                chosen, rejected = packed_rewards(model, batch)
+            finally:
+                packing.SEGMENT_BLOCK_TOKENS = default
+            got = torch.cat([chosen, rejected]).float()
+            torch.testing.assert_close(got, expected, atol=tolerance, rtol=0, msg=f"blocks of {block_tokens}")
