@@ -1,6 +1,6 @@
 """Reward-model training speed on this machine: rewardspeed vs DeepSpeed-Chat step-2 semantics vs TRL.
 
-    python benchmarks/bench_rm.py                                   # bounded default (~30 min on 2 cores)
+    python benchmarks/bench_rm.py                                   # bounded default (~20 min on 2 cores)
     python benchmarks/bench_rm.py --name smoke --rounds 1 --warmup 1 --steps 1 --max_seq_len 64
     python benchmarks/bench_rm.py --rounds 3 --warmup 3 --steps 5   # longer, less noisy
 
@@ -54,6 +54,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 TRL_WORKER = BENCH_DIR / "trl_worker.py"
 RESULTS_DIR = BENCH_DIR / "results"
+if str(REPO_ROOT) not in sys.path:  # the project's packages, also when it is not pip-installed
+    sys.path.insert(0, str(REPO_ROOT))
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 HH_PATH = SHARED_DATA / "hh-rlhf-harmless-base" / "test.jsonl.gz"
 ALPACA_PATH = SHARED_DATA / "alpaca-eval-gpt4" / "annotations.json"
