@@ -138,50 +138,45 @@ def make_row(question: str, chosen: str, rejected: str) -> Row:
     }
 
 
+def two_facts_row(
+    relation: tuple, asked: str, other: str, asked_first: bool, values: tuple[str, str, str]
+) -> Row:
+    """One row about two people: `values` = (asked person's value, other person's value, rejected value);
+    the chosen answer states the asked person's value, the rejected one the rejected value."""
+    statement, question, answer, _ = relation
+    asked_value, other_value, rejected_value = values
+    facts = [statement.format(name=asked, value=asked_value), statement.format(name=other, value=other_value)]
+    if not asked_first:
+        facts.reverse()
+    return make_row(
+        " ".join([*facts, question.format(name=asked)]),
+        answer.format(name=asked, value=asked_value),
+        answer.format(name=asked, value=rejected_value),
+    )
+
+
 def fact_twin(rng: random.Random, split: str) -> Twin:
     """Grounded vs invented: the rejected value is one the prompt does not state."""
-    statement, question, answer, values = rng.choice(RELATIONS)
+    relation = rng.choice(RELATIONS)
     asked, other = rng.sample(held_out_split(NAMES, split), 2)
-    first_value, second_value, other_value = rng.sample(held_out_split(values, split), 3)
+    first_value, second_value, other_value = rng.sample(held_out_split(relation[3], split), 3)
     asked_first = rng.random() < 0.5
-
-    def row(asked_value: str, invented_value: str) -> Row:
-        facts = [
-            statement.format(name=asked, value=asked_value),
-            statement.format(name=other, value=other_value),
-        ]
-        if not asked_first:
-            facts.reverse()
-        return make_row(
-            " ".join([*facts, question.format(name=asked)]),
-            answer.format(name=asked, value=asked_value),
-            answer.format(name=asked, value=invented_value),
-        )
-
-    return row(first_value, second_value), row(second_value, first_value)
+    return (
+        two_facts_row(relation, asked, other, asked_first, (first_value, other_value, second_value)),
+        two_facts_row(relation, asked, other, asked_first, (second_value, other_value, first_value)),
+    )
 
 
 def binding_twin(rng: random.Random, split: str) -> Twin:
     """The rejected value is stated too, but for the other person: only binding name to value tells."""
-    statement, question, answer, values = rng.choice(RELATIONS)
+    relation = rng.choice(RELATIONS)
     asked, other = rng.sample(held_out_split(NAMES, split), 2)
-    first_value, second_value = rng.sample(held_out_split(values, split), 2)
+    first_value, second_value = rng.sample(held_out_split(relation[3], split), 2)
     asked_first = rng.random() < 0.5
-
-    def row(asked_value: str, other_value: str) -> Row:
-        facts = [
-            statement.format(name=asked, value=asked_value),
-            statement.format(name=other, value=other_value),
-        ]
-        if not asked_first:
-            facts.reverse()
-        return make_row(
-            " ".join([*facts, question.format(name=asked)]),
-            answer.format(name=asked, value=asked_value),
-            answer.format(name=asked, value=other_value),
-        )
-
-    return row(first_value, second_value), row(second_value, first_value)
+    return (
+        two_facts_row(relation, asked, other, asked_first, (first_value, second_value, second_value)),
+        two_facts_row(relation, asked, other, asked_first, (second_value, first_value, first_value)),
+    )
 
 
 def membership_twin(rng: random.Random, split: str) -> Twin:
