@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -85,6 +87,13 @@ def plain(model: RewardModel, pairs: list[dict]):
     return chosen_rewards, rejected_rewards, batch.get("margin")
 
 
+def segment_blocks(block_tokens: int | None):
+    """Segment attention with blocks of `block_tokens` (None: the default) inside the `with`."""
+    if block_tokens is None:
+        return contextlib.nullcontext()
+    return mock.patch.object(packing, "SEGMENT_BLOCK_TOKENS", block_tokens)
+
+
 def packed(
     model: RewardModel,
     pairs: list[dict],
@@ -96,12 +105,8 @@ def packed(
     batch = PackedPairCollator(PAD, max_tokens_per_row, share_prompt, segment_attention=segment_attention)(
         pairs
     )
-    default_block_tokens = packing.SEGMENT_BLOCK_TOKENS
-    packing.SEGMENT_BLOCK_TOKENS = default_block_tokens if block_tokens is None else block_tokens
-    try:
+    with segment_blocks(block_tokens):
         return (*packed_rewards(model, batch), batch.get("margin"))
-    finally:
-        packing.SEGMENT_BLOCK_TOKENS = default_block_tokens
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -312,10 +317,7 @@ def test_segment_attention_on_cuda_equals_the_padded_batch(dtype):
         for block_tokens in (0, 12):
             batch = PackedPairCollator(PAD, None, share_prompt=True, segment_attention=True)(pairs)
             batch = {key: value.cuda() for key, value in batch.items()}
-            packing.SEGMENT_BLOCK_TOKENS, default = block_tokens, packing.SEGMENT_BLOCK_TOKENS
-            try:
+            with segment_blocks(block_tokens):
                 chosen, rejected = packed_rewards(model, batch)
-            finally:
-                packing.SEGMENT_BLOCK_TOKENS = default
             got = torch.cat([chosen, rejected]).float()
             torch.testing.assert_close(got, expected, atol=tolerance, rtol=0, msg=f"blocks of {block_tokens}")

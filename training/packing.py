@@ -261,18 +261,12 @@ class PackedPairCollator:
         size = len(rows) * row_length
         input_ids = torch.full((size,), self.pad_token_id, dtype=torch.long)
         position_ids = torch.zeros(size, dtype=torch.long)
-        kind = torch.full((size,), SHARED, dtype=torch.long)
-        # Padding gets a distinct negative sequence id per slot, so it attends only to itself (never an empty
-        # softmax row) and nothing attends to it.
-        sequence_id = -1 - torch.arange(size)
         input_ids[flat_slot] = torch.tensor(
             [token for sequence in tokens for token in sequence], dtype=torch.long
         )
         position_ids[flat_slot] = torch.tensor(
             [p for sequence in positions for p in sequence], dtype=torch.long
         )
-        kind[flat_slot] = torch.tensor([k for sequence in kinds for k in sequence], dtype=torch.long)
-        sequence_id[flat_slot] = torch.repeat_interleave(torch.arange(len(tokens)), lengths)
 
         # Each pair's reward positions: last chosen / last rejected token.
         prompt_length = torch.tensor([len(pair["prompt_ids"]) for pair in pairs])
@@ -300,6 +294,12 @@ class PackedPairCollator:
                 zeros = torch.zeros_like(lengths)
                 batch["segments"] = torch.stack([sequence_start, lengths, zeros, zeros], dim=1)
         else:
+            kind = torch.full((size,), SHARED, dtype=torch.long)
+            kind[flat_slot] = torch.tensor([k for sequence in kinds for k in sequence], dtype=torch.long)
+            # Padding gets a distinct negative sequence id per slot, so it attends only to itself (never an
+            # empty softmax row) and nothing attends to it.
+            sequence_id = -1 - torch.arange(size)
+            sequence_id[flat_slot] = torch.repeat_interleave(torch.arange(len(tokens)), lengths)
             mask = pair_attention_mask(sequence_id.view(-1, row_length), kind.view(-1, row_length))
             batch["attention_mask"] = mask.unsqueeze(1)
         margins = [pair.get("margin") for pair in pairs]

@@ -29,7 +29,7 @@ from training.arguments import TrainConfig
 from training.data import PairCollator
 from training.evaluate import reward_statistics
 from training.losses import center_rewards_loss, divergence_span_loss, pairwise_loss
-from training.packing import PackedPairCollator, length_grouped_order, packed_rewards
+from training.packing import PackedPairCollator, length_grouped_order, packed_rewards, pair_sequence_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -378,7 +378,7 @@ def train(
     )
     # Tokens a pair costs unpacked (the prompt twice); what --group_by_length sorts by.
     lengths = (
-        [2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in train_pairs]
+        [sum(pair_sequence_lengths(pair, share_prompt=False)) for pair in train_pairs]
         if config.group_by_length
         else None
     )

@@ -107,8 +107,9 @@ def main() -> None:
         "segments": (segment_collator, packed_rewards),  # short sequences: attended in blocks
         "segments_alone": (segment_collator, packed_rewards),  # one SDPA per sequence
     }
+    default_block_tokens = packing.SEGMENT_BLOCK_TOKENS
     for name, (collate, rewards_of) in runs.items():
-        packing.SEGMENT_BLOCK_TOKENS = 0 if name == "segments_alone" else 128
+        packing.SEGMENT_BLOCK_TOKENS = 0 if name == "segments_alone" else default_block_tokens
         config = ds_config(args.stage, args.accumulation)
         reward_model = create_critic_model(args.model_dir, tokenizer, config, dropout=0.0)
         torch.manual_seed(1)  # the head is created outside zero.Init: the same on every rank and run
