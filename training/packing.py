@@ -343,8 +343,8 @@ class SegmentPlan:
 
 
 # Sequences shorter than this are attended together in blocks of up to this many tokens: per-call overhead
-# outweighs the masked-out work below it (CPU, SmolLM2: 16 pairs of ~50 tokens ran 13% slower one call per
-# sequence in bf16).
+# outweighs the masked-out work below it (CPU, SmolLM2, bf16, 16 pairs of ~50 tokens: one call per sequence
+# 0.89x the 4D-mask rows, blocks of 128 1.03x; `python benchmarks/bench_layouts.py`).
 SEGMENT_BLOCK_TOKENS = 128
 
 

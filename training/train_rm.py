@@ -142,8 +142,8 @@ def build_optimizer(reward_model, config: TrainConfig, ds_config: dict):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=config.learning_rate, betas=(0.9, 0.95))
-    # fused: one kernel per parameter (CPU since torch 2.4, CUDA): the same AdamW, 4-6x faster per step
-    # on CPU than the default multi-tensor form (benchmarks/README.md).
+    # fused: one kernel per parameter (CPU since torch 2.4, CUDA): the same AdamW, 2.6-2.8x faster per step
+    # on CPU than the default multi-tensor form (`python benchmarks/bench_layouts.py`).
     try:
         return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.95), fused=True)
     except RuntimeError as error:  # a device without torch's fused kernels
