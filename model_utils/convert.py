@@ -9,8 +9,9 @@ Inputs:
     - a folder in any layout `create_critic_model(rlhf_training=True)` reads: ours (hf, auto_map, dschat),
       one written by DeepSpeed-Chat itself (`rwtransformer.*` or the old `rwtranrsformer.*` keys), or a
       `torch.save(reward_model.state_dict())` folder with a config.
-    - a DeepSpeed checkpoint folder (the one holding `latest`, or one `global_stepN` tag folder inside it),
-      consolidated with `deepspeed.utils.zero_to_fp32` (fp32 master weights, any ZeRO stage).
+    - a DeepSpeed checkpoint folder (the one holding `latest`, or one tag folder inside it, e.g. the trainer's
+      `checkpoints/step_40`), consolidated with `deepspeed.utils.zero_to_fp32` (fp32 master weights, any ZeRO
+      stage; see `model_utils/checkpoint/zero.py`).
 
 Architecture: the `config.json` of `--model_name_or_path` when given, else of the input folder, else of its
 parent folders (a training `--output_dir` holds `checkpoints/`). The vocabulary size always comes from the
@@ -27,40 +28,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import os
-import pickle
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from model_utils.checkpoint import (
-    CONFIG_FILE,
-    SAVE_FORMATS,
-    TOKENIZER_CONFIG_FILE,
-    CheckpointError,
+from model_utils.checkpoint.errors import CheckpointError
+from model_utils.checkpoint.layouts import (
     backbone_class,
-    check_state_dict,
     input_embedding_rows,
     meta_model,
-    one_line,
-    read_config,
-    read_state_dict,
     to_reward_model_names,
-    write_reward_model,
 )
-from model_utils.model_factory import load_tokenizer
+from model_utils.checkpoint.load import check_state_dict, read_config, read_state_dict
+from model_utils.checkpoint.names import CONFIG_FILE, SAVE_FORMATS, TOKENIZER_CONFIG_FILE
+from model_utils.checkpoint.save import write_reward_model
+from model_utils.checkpoint.zero import read_zero_checkpoint, zero_checkpoint_location
 from model_utils.reward_model import RewardModel
+from model_utils.tokenizer import load_tokenizer
 
-LATEST_FILE = "latest"
-MODEL_STATES_PATTERN = "*model_states.pt"
 TOKENIZER_FILES = (TOKENIZER_CONFIG_FILE, "tokenizer.json")
 PARENT_LEVELS = 2
-FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 @dataclass
@@ -71,15 +63,6 @@ class LoadedRewardModel:
     config: PretrainedConfig
     tokenizer: PreTrainedTokenizerBase
     metadata: dict[str, Any] = field(default_factory=dict)
-
-
-def zero_checkpoint_location(path: str) -> tuple[str, str | None] | None:
-    """`(checkpoint_dir, tag)` when `path` is a DeepSpeed checkpoint folder or one of its tag folders."""
-    if os.path.isfile(os.path.join(path, LATEST_FILE)):
-        return path, None
-    if glob.glob(os.path.join(path, MODEL_STATES_PATTERN)):
-        return os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path))
-    return None
 
 
 def parent_folders(path: str) -> list[str]:
@@ -118,75 +101,6 @@ def find_tokenizer_source(
     raise CheckpointError(f"{path}: no tokenizer found; pass --tokenizer_name_or_path")
 
 
-def deepspeed_checkpoint_globals() -> list[type]:
-    """The non-tensor classes DeepSpeed pickles into its `*_optim_states.pt` files (plain data, no behaviour)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-@contextlib.contextmanager
-def weights_only_loads() -> Iterator[None]:
-    """Inside, every `torch.load` uses the restricted (weights-only) unpickler, even DeepSpeed's own calls.
-
-    `deepspeed.utils.zero_to_fp32` calls `torch.load(..., weights_only=False)`, which would run any code a
-    crafted checkpoint file names. torch's `TORCH_FORCE_WEIGHTS_ONLY_LOAD` overrides that per call; the few
-    DeepSpeed classes a real checkpoint holds are allowed by name.
-    """
-    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
-    os.environ[FORCE_WEIGHTS_ONLY] = "1"
-    try:
-        with torch.serialization.safe_globals(deepspeed_checkpoint_globals()):
-            yield
-    finally:
-        if previous is None:
-            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
-        else:
-            os.environ[FORCE_WEIGHTS_ONLY] = previous
-
-
-def read_stage0_checkpoint(checkpoint_dir: str, tag: str | None) -> dict[str, torch.Tensor] | None:
-    """The full module state of a ZeRO stage 0 checkpoint (which `zero_to_fp32` cannot read); None otherwise."""
-    if tag is None:
-        with open(os.path.join(checkpoint_dir, LATEST_FILE), encoding="utf-8") as latest:
-            tag = latest.read().strip()
-    tag_dir = os.path.join(checkpoint_dir, tag)
-    if glob.glob(os.path.join(tag_dir, "*optim_states.pt")):
-        return None  # ZeRO 1-3: the fp32 weights live in the partitioned optimizer states
-    model_states = sorted(glob.glob(os.path.join(tag_dir, MODEL_STATES_PATTERN)))
-    if not model_states:
-        raise FileNotFoundError(f"{tag_dir}: no {MODEL_STATES_PATTERN} files")
-    state = torch.load(model_states[0], map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
-        raise CheckpointError(f"{model_states[0]}: no module state in this DeepSpeed checkpoint")
-    return {
-        name: tensor.float() if tensor.is_floating_point() else tensor
-        for name, tensor in state["module"].items()
-    }
-
-
-def read_zero_checkpoint(checkpoint_dir: str, tag: str | None) -> dict[str, torch.Tensor]:
-    """fp32 weights consolidated from a DeepSpeed checkpoint (any ZeRO stage), under the module's names.
-
-    Its pickled files are read with the weights-only unpickler (`weights_only_loads`): one that needs
-    anything else (e.g. a `__reduce__` that runs code) is refused as a `CheckpointError`.
-    """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    try:
-        with weights_only_loads():
-            state_dict = read_stage0_checkpoint(checkpoint_dir, tag)
-            if state_dict is None:
-                state_dict = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
-    except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as error:
-        raise CheckpointError(
-            f"{checkpoint_dir}: cannot read the DeepSpeed checkpoint ({one_line(error)})"
-        ) from error
-    return {name: tensor.detach().cpu().clone() for name, tensor in state_dict.items()}
-
-
 def check_reward_state_dict(
     state_dict: dict[str, torch.Tensor], config: PretrainedConfig, source: str
 ) -> None:
@@ -209,7 +123,7 @@ def read_reward_model(
         path: a saved model folder (any layout) or a DeepSpeed checkpoint folder.
         model_name_or_path: where the architecture's config comes from (default: found near `path`).
         tokenizer_name_or_path: where the tokenizer comes from (default: found near `path`).
-        tag: checkpoint tag (e.g. `global_step40`) when `path` is a DeepSpeed checkpoint folder.
+        tag: checkpoint tag (e.g. `step_40`) when `path` is a DeepSpeed checkpoint folder.
     """
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or folder")

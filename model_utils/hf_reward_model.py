@@ -10,11 +10,13 @@ Each class holds the backbone under its `base_model_prefix` and the head as `v_h
 reward at the last real token found from the attention mask, with positions counted from the mask, so left
 and right padding give the same rewards as `model_utils.reward_model.RewardModel`.
 
-This file is copied into saved folders: it must import only torch and transformers.
+This file is copied into saved folders: it must import only torch and transformers. It is also the one home of
+the helpers `RewardModel` shares with it (`head_input_size`, `position_ids_from_mask`, `last_token_index`).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -31,30 +33,40 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
 
 
-def reward_head_width(config: PretrainedConfig) -> int:
-    """Width of the backbone's hidden states (OPT-350m style configs project to `word_embed_proj_dim`)."""
+def head_input_size(config: PretrainedConfig) -> int:
+    """Width of the hidden states the backbone returns.
+
+    OPT-350m style configs project the decoder output to `word_embed_proj_dim`; everything else returns
+    `hidden_size` (GPT-2's `n_embd` is mapped to it by its config class).
+    """
     return getattr(config, "word_embed_proj_dim", None) or config.hidden_size
 
 
-def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """`[B, T]` positions counting only real tokens (padding gets 0).
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only real tokens, so a left-padded row sees the same positions as unpadded.
 
-    >>> mask_positions(torch.tensor([[0, 1, 1], [1, 1, 0]])).tolist()
-    [[0, 0, 1], [0, 1, 1]]
+    >>> position_ids_from_mask(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])).tolist()
+    [[0, 0, 0, 1, 2], [0, 1, 2, 3, 3]]
     """
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def end_index(attention_mask: torch.Tensor, num_padding_at_beginning: int = 0) -> torch.Tensor:
-    """`[B, T] -> [B]`: index of each row's last real token (either padding side).
+def last_token_index(attention_mask: torch.Tensor, num_padding_at_beginning: int = 0) -> torch.Tensor:
+    """Index of the last real (mask == 1) token of each row: `[B, T] -> [B]`.
 
-    >>> end_index(torch.tensor([[1, 1, 0], [0, 1, 1]])).tolist()
-    [1, 2]
+    Works for left padding, right padding and rows without padding (a truncated row uses its last token).
+    The first `num_padding_at_beginning` positions are never chosen (DeepSpeed-Chat's OPT convention, where
+    the first token is a pad-like BOS).
+
+    >>> last_token_index(torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])).tolist()
+    [2, 4, 4]
     """
     positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
-    return (attention_mask.long() * positions).argmax(dim=-1).clamp(min=num_padding_at_beginning)
+    index = (attention_mask.long() * positions).argmax(dim=-1)
+    return index.clamp(min=num_padding_at_beginning)
 
 
 def sequence_rewards(
@@ -83,21 +95,26 @@ def sequence_rewards(
         attention_mask = torch.ones_like(input_ids)
     if "position_ids" in inspect.signature(backbone.forward).parameters:
         backbone_kwargs["position_ids"] = (
-            mask_positions(attention_mask) if position_ids is None else position_ids
+            position_ids_from_mask(attention_mask) if position_ids is None else position_ids
         )
     hidden = backbone(
         input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **backbone_kwargs
     ).last_hidden_state
     values = v_head(hidden).squeeze(-1)
-    index = end_index(attention_mask, num_padding_at_beginning)
+    index = last_token_index(attention_mask, num_padding_at_beginning)
     return SequenceClassifierOutput(logits=values.gather(-1, index.unsqueeze(-1)))
 
 
-class StrictLoading:
-    """`from_pretrained` that raises on missing or unexpected keys instead of leaving weights random.
+class RewardHead:
+    """What every reward class shares: the backbone under `base_model_prefix`, a bias-free `v_head`, the reward
+    at each row's last real token, and a `from_pretrained` that raises on missing or unexpected keys (a folder
+    whose head is missing or renamed must not load as a reward model with a random head). Mixed in before the
+    `PreTrainedModel` class."""
 
-    A folder whose head is missing or renamed must not load as a reward model with a random head.
-    """
+    def attach(self, backbone: PreTrainedModel) -> None:
+        setattr(self, self.base_model_prefix, backbone)
+        self.v_head = nn.Linear(head_input_size(self.config), 1, bias=False)
+        self.post_init()
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -111,53 +128,39 @@ class StrictLoading:
             )
         return (model, info) if wants_info else model
 
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput:
+        """Rewards as `logits` `[B, 1]` for `input_ids` `[B, T]` padded on either side."""
+        padding = getattr(self.config, "num_padding_at_beginning", 0)
+        backbone = getattr(self, self.base_model_prefix)
+        return sequence_rewards(backbone, self.v_head, input_ids, attention_mask, position_ids, padding)
 
-class LlamaRewardModel(StrictLoading, LlamaPreTrainedModel):
+
+class LlamaRewardModel(RewardHead, LlamaPreTrainedModel):
     """Llama backbone (`model.*`) + `v_head`; logits `[B, 1]`."""
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__(config)
-        self.model = LlamaModel(config)
-        self.v_head = nn.Linear(reward_head_width(config), 1, bias=False)
-        self.post_init()
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        **kwargs,
-    ) -> SequenceClassifierOutput:
-        """Rewards as `logits` `[B, 1]` for `input_ids` `[B, T]` padded on either side."""
-        padding = getattr(self.config, "num_padding_at_beginning", 0)
-        return sequence_rewards(self.model, self.v_head, input_ids, attention_mask, position_ids, padding)
+        self.attach(LlamaModel(config))
 
 
-class BloomRewardModel(StrictLoading, BloomPreTrainedModel):
+class BloomRewardModel(RewardHead, BloomPreTrainedModel):
     """Bloom backbone (`transformer.*`) + `v_head`; logits `[B, 1]`."""
 
     def __init__(self, config: BloomConfig) -> None:
         super().__init__(config)
-        self.transformer = BloomModel(config)
-        self.v_head = nn.Linear(reward_head_width(config), 1, bias=False)
-        self.post_init()
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        **kwargs,
-    ) -> SequenceClassifierOutput:
-        """Rewards as `logits` `[B, 1]` for `input_ids` `[B, T]` padded on either side."""
-        padding = getattr(self.config, "num_padding_at_beginning", 0)
-        return sequence_rewards(
-            self.transformer, self.v_head, input_ids, attention_mask, position_ids, padding
-        )
+        self.attach(BloomModel(config))
 
 
-class AutoBackboneRewardModel(StrictLoading, PreTrainedModel):
-    """Any `AutoModel` backbone (`backbone.*`) + `v_head`; logits `[B, 1]`."""
+class AutoBackboneRewardModel(RewardHead, PreTrainedModel):
+    """Any `AutoModel` backbone (`backbone.*`) + `v_head`; logits `[B, 1]`. Folders name a subclass bound to
+    their config class (`auto_reward_class`), which transformers requires for model types without a native
+    class of their own."""
 
     config_class = PretrainedConfig
     base_model_prefix = "backbone"
@@ -170,31 +173,44 @@ class AutoBackboneRewardModel(StrictLoading, PreTrainedModel):
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__(config)
-        self.backbone = AutoModel.from_config(config)
-        self.v_head = nn.Linear(reward_head_width(config), 1, bias=False)
-        self.post_init()
+        self.attach(AutoModel.from_config(config))
 
     def get_input_embeddings(self) -> nn.Module:
         return self.backbone.get_input_embeddings()
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        **kwargs,
-    ) -> SequenceClassifierOutput:
-        """Rewards as `logits` `[B, 1]` for `input_ids` `[B, T]` padded on either side."""
-        padding = getattr(self.config, "num_padding_at_beginning", 0)
-        return sequence_rewards(self.backbone, self.v_head, input_ids, attention_mask, position_ids, padding)
 
 
 REWARD_CLASSES_BY_MODEL_TYPE: dict[str, type[PreTrainedModel]] = {
     "llama": LlamaRewardModel,
     "bloom": BloomRewardModel,
 }
+AUTO_CLASS_SUFFIX = "RewardModel"
+
+
+def auto_class_name(config_class: type[PretrainedConfig]) -> str:
+    """`GraniteConfig` -> `"GraniteRewardModel"`."""
+    return config_class.__name__.removesuffix("Config") + AUTO_CLASS_SUFFIX
+
+
+@functools.cache
+def auto_reward_class(config_class: type[PretrainedConfig]) -> type[PreTrainedModel]:
+    """`AutoBackboneRewardModel` bound to `config_class`: transformers' `AutoModelForSequenceClassification`
+    refuses a remote class whose `config_class` is not the folder's config class."""
+    return type(
+        auto_class_name(config_class),
+        (AutoBackboneRewardModel,),
+        {"config_class": config_class, "__module__": __name__, "__doc__": AutoBackboneRewardModel.__doc__},
+    )
 
 
 def reward_class_for(config: PretrainedConfig) -> type[PreTrainedModel]:
-    """The reward class for a backbone config: the family's own class, else `AutoBackboneRewardModel`."""
-    return REWARD_CLASSES_BY_MODEL_TYPE.get(config.model_type, AutoBackboneRewardModel)
+    """The reward class for a backbone config: the family's own class, else `auto_reward_class`."""
+    return REWARD_CLASSES_BY_MODEL_TYPE.get(config.model_type) or auto_reward_class(type(config))
+
+
+def __getattr__(name: str) -> type[PreTrainedModel]:
+    """The `auto_reward_class` a folder's `auto_map` names (transformers looks it up in this module by name)."""
+    if name.endswith(AUTO_CLASS_SUFFIX):
+        for model_type, config_name in CONFIG_MAPPING_NAMES.items():
+            if config_name.removesuffix("Config") + AUTO_CLASS_SUFFIX == name:
+                return auto_reward_class(CONFIG_MAPPING[model_type])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

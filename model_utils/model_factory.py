@@ -1,8 +1,9 @@
 """Factories that build the backbone and the reward/critic model (DeepSpeed-Chat's `model_utils` shape).
 
-    tokenizer = load_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct")
+    tokenizer = load_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct")           # model_utils/tokenizer.py
     reward_model = create_critic_model("HuggingFaceTB/SmolLM2-135M-Instruct", tokenizer, ds_config)
     critic = create_critic_model("output/rm", tokenizer, ds_config, rlhf_training=True)  # PPO stage
+    reward_model, tokenizer = load_reward_model("output/rm")                   # scoring, one process
 
 Under ZeRO stage 3 an `HfDeepSpeedConfig` is kept alive only for the duration of the factory call, so the weights
 are created partitioned; leaving it alive afterwards would make every later `from_pretrained` go through
@@ -13,24 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers import (
-    AutoModel,
-    AutoTokenizer,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoModel, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from model_utils.checkpoint.errors import CheckpointError, one_line
+from model_utils.checkpoint.load import load_reward_model_weights, read_config
 from model_utils.reward_model import RewardModel
+from model_utils.tokenizer import load_tokenizer, padded_vocab_size
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_PAD_TOKEN = "<|pad|>"
 
 # Every config attribute that holds a dropout probability in the supported architectures
 # (Llama/Qwen2: attention_dropout; GPT-2: *_pdrop; OPT: dropout, attention_dropout, activation_dropout;
@@ -45,42 +40,6 @@ DROPOUT_CONFIG_KEYS = (
     "attn_pdrop",
     "classifier_dropout",
 )
-
-
-def load_tokenizer(
-    model_name_or_path: str, add_pad_token: bool = True, trust_remote_code: bool = False
-) -> PreTrainedTokenizerBase:
-    """Load a tokenizer and give it a real pad token that is not EOS.
-
-    A pad that falls back to EOS makes the end-of-response EOS look like padding to every consumer that finds
-    the last token from `pad_token_id` (transformers' sequence classification, TRL's PPO reward utility), so
-    the reward is read off the wrong token. When the tokenizer has no pad, or its pad is its EOS, a dedicated
-    `<|pad|>` token is added (and logged); the factory then grows the embeddings to cover it.
-    """
-    from model_utils.checkpoint import CheckpointError, one_line
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-    except Exception as error:  # transformers reads config.json and tokenizer files here: any of its errors
-        raise CheckpointError(
-            f"{model_name_or_path}: cannot load its tokenizer ({one_line(error)})"
-        ) from error
-    if add_pad_token and (tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id):
-        previous = tokenizer.pad_token
-        tokenizer.add_special_tokens({"pad_token": DEFAULT_PAD_TOKEN})
-        logger.warning(
-            "Tokenizer of %s had pad token %r (EOS or none); added a dedicated pad token %r (id %d).",
-            model_name_or_path,
-            previous,
-            tokenizer.pad_token,
-            tokenizer.pad_token_id,
-        )
-    return tokenizer
-
-
-def padded_vocab_size(tokenizer: PreTrainedTokenizerBase, multiple: int = 8) -> int:
-    """`8 * ceil(len(tokenizer) / 8)`: the embedding rows the model gets (never fewer than it has)."""
-    return multiple * math.ceil(len(tokenizer) / multiple)
 
 
 def configure_dropout(config: PretrainedConfig, dropout: float | None) -> None:
@@ -159,8 +118,6 @@ def create_hf_model(
         dropout: set every dropout probability to this value (0.0 disables dropout); None keeps the config's.
         dtype: dtype to load the weights in (None: the checkpoint's own, as transformers decides).
     """
-    from model_utils.checkpoint import CheckpointError, one_line, read_config
-
     config = read_config(model_name_or_path, trust_remote_code=trust_remote_code)
     configure_dropout(config, dropout)
     # An added pad token may lie beyond the checkpoint's rows until the embeddings grow: set it after.
@@ -194,12 +151,14 @@ def create_critic_model(
     dropout: float | None = None,
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    head_seed: int = 0,
 ) -> RewardModel:
     """Build a `RewardModel`: a new head on a pretrained backbone, or (PPO) a trained reward model reloaded.
 
     With `rlhf_training=True`, `model_name_or_path` is a saved reward model in any supported format; the model is
     built from its config (partitioned under ZeRO-3) and its weights are loaded, failing loudly on missing or
-    unexpected keys.
+    unexpected keys. Otherwise the new head is drawn from N(0, 1 / (hidden + 1)) with `head_seed` alone, so it
+    does not depend on how the backbone was built (`init_value_head`).
     """
     backbone = create_hf_model(
         AutoModel,
@@ -213,7 +172,45 @@ def create_critic_model(
     )
     reward_model = RewardModel(backbone, num_padding_at_beginning=num_padding_at_beginning)
     if rlhf_training:
-        from model_utils.checkpoint import load_reward_model_weights
-
         load_reward_model_weights(reward_model, model_name_or_path)
+    else:
+        init_value_head(reward_model, head_seed)
     return reward_model
+
+
+@torch.no_grad()
+def init_value_head(reward_model: RewardModel, seed: int) -> None:
+    """Draw the value head from N(0, 1 / (hidden + 1)) with its own seeded generator (DeepSpeed-Chat's scale)."""
+    generator = torch.Generator().manual_seed(seed)
+    std = 1.0 / (reward_model.v_head.in_features + 1) ** 0.5
+    torch.nn.init.normal_(reward_model.v_head.weight, std=std, generator=generator)
+
+
+def load_reward_model(
+    model_name_or_path: str,
+    tokenizer_name_or_path: str | None = None,
+    num_padding_at_beginning: int = 0,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[RewardModel, PreTrainedTokenizerBase]:
+    """(reward model in eval mode, tokenizer) from a saved reward model folder (any layout), one process.
+
+    What `python -m training.evaluate` and `python -m training.serve` load; for a PPO critic under DeepSpeed use
+    `create_critic_model(..., ds_config, rlhf_training=True)`.
+    """
+    read_config(
+        model_name_or_path, trust_remote_code
+    )  # a broken config.json is named before the tokenizer trips
+    tokenizer = load_tokenizer(
+        tokenizer_name_or_path or model_name_or_path, trust_remote_code=trust_remote_code
+    )
+    reward_model = create_critic_model(
+        model_name_or_path,
+        tokenizer,
+        num_padding_at_beginning=num_padding_at_beginning,
+        rlhf_training=True,
+        dropout=0.0,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+    )
+    return reward_model.eval(), tokenizer

@@ -4,7 +4,8 @@
 `v_head` maps each hidden state to one number. The reward of a sequence is the head's value at its last real
 token, found from the attention mask, so left padding, right padding and no padding give the same rewards.
 
-Importing this module must stay cheap: no DeepSpeed here.
+Importing this module must stay cheap: no DeepSpeed here. The mask helpers live in `hf_reward_model.py`, the
+file that ships inside `auto_map` folders, so both score the same way from one definition.
 """
 
 from __future__ import annotations
@@ -13,40 +14,9 @@ import inspect
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
-
-def head_input_size(config: PretrainedConfig) -> int:
-    """Width of the hidden states the backbone returns.
-
-    OPT-350m style configs project the decoder output to `word_embed_proj_dim`; everything else returns
-    `hidden_size` (GPT-2's `n_embd` is mapped to it by its config class).
-    """
-    return getattr(config, "word_embed_proj_dim", None) or config.hidden_size
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that count only real tokens, so a left-padded row sees the same positions as unpadded.
-
-    >>> position_ids_from_mask(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])).tolist()
-    [[0, 0, 0, 1, 2], [0, 1, 2, 3, 3]]
-    """
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def last_token_index(attention_mask: torch.Tensor, num_padding_at_beginning: int = 0) -> torch.Tensor:
-    """Index of the last real (mask == 1) token of each row: `[B, T] -> [B]`.
-
-    Works for left padding, right padding and rows without padding (a truncated row uses its last token).
-    The first `num_padding_at_beginning` positions are never chosen (DeepSpeed-Chat's OPT convention, where
-    the first token is a pad-like BOS).
-
-    >>> last_token_index(torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])).tolist()
-    [2, 4, 4]
-    """
-    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
-    index = (attention_mask.long() * positions).argmax(dim=-1)
-    return index.clamp(min=num_padding_at_beginning)
+from model_utils.hf_reward_model import head_input_size, last_token_index, position_ids_from_mask
 
 
 class RewardModel(nn.Module):

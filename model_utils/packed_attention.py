@@ -1,0 +1,254 @@
+"""What a backbone needs to run packed rows: the capability check, segment attention, and switching to it.
+
+A packed row holds several sequences end to end, `position_ids` restarting at each. With prompt sharing a
+sequence is `prompt + response_1 + ... + response_K`: every response branch sees the prompt and itself, never
+another branch, and its positions restart right after the prompt, so each branch token computes exactly what it
+computes in `prompt + response_i` alone. Two ways to tell the backbone which token sees which:
+
+- a 4D mask (`packed_attention_mask`, `backbone_attention_mask`): `[R, 1, L, L]`, handed to the backbone as
+  `attention_mask`; transformers 5's `masking_utils.create_causal_mask` returns a 4D mask as is for `sdpa`
+  (boolean, True = attend) and `eager` (additive float);
+- segment attention (`SEGMENT_ATTENTION`, sdpa backbones): one unpadded row and a `SegmentPlan`; attention runs
+  per sequence (`segment_attention_forward`), so it costs the sum of the squared sequence lengths instead of the
+  square of the row, and no `L x L` mask is built. The function is registered in transformers'
+  `AttentionInterface` by `use_segment_attention`, which switches a built model once; for any call without a
+  plan it IS sdpa, so the switched model scores padded batches as before.
+
+Backbones whose position information does not come from `position_ids` (Bloom's ALiBi is built from the 2D
+mask) cannot take either and are refused by `supports_packing`.
+
+On GPU with `flash_attention_2`/`_3` a 4D mask cannot be used. Packing alone (no sharing) has a native varlen
+path there: call the backbone with `attention_mask=None` and the restarted `position_ids` (transformers then
+infers `cu_seqlens` from where the positions restart). Prompt sharing is not a varlen pattern (a branch skips
+part of its segment) and needs sdpa or eager with the 4D mask (or a flex-attention BlockMask).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional
+from transformers import AttentionInterface, PretrainedConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+# What a token is, for the rule "a branch sees the prompt and itself": 0 for prompt tokens and every token of
+# an unshared sequence, i >= 1 for the tokens of response branch i.
+SHARED = 0
+
+# Backbones checked token for token against the plain padded batch (tests/test_packing.py).
+EXACT_MODEL_TYPES = ("llama", "qwen2", "gpt2", "opt", "gpt_neox")
+# The backbone attention that reads a `SegmentPlan` (and is exactly `sdpa` for any other call).
+SEGMENT_ATTENTION = "rewardspeed_segments"
+MASK_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", SEGMENT_ATTENTION)
+
+
+def supports_packing(config: PretrainedConfig) -> tuple[bool, str]:
+    """Whether packed / prompt-shared batches give exactly the plain batch's rewards for this backbone.
+
+    Returns:
+        (True, "") or (False, the reason, naming the backbone and what to do instead).
+
+    >>> from transformers import BloomConfig, LlamaConfig
+    >>> supports_packing(LlamaConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=2))[0]
+    True
+    >>> supports_packing(BloomConfig(n_layer=1, hidden_size=8, n_head=2))[1][:40]
+    'bloom: ALiBi position biases are built f'
+    """
+    model_type = config.model_type
+    if model_type == "bloom":
+        return False, (
+            "bloom: ALiBi position biases are built from the 2D attention mask, so restarted positions and a "
+            "custom 4D mask cannot be given; train without --packing/--share_prompt"
+        )
+    if model_type not in EXACT_MODEL_TYPES:
+        return False, (
+            f"{model_type}: packing is verified only for {', '.join(EXACT_MODEL_TYPES)}; train without "
+            "--packing/--share_prompt"
+        )
+    # None: not chosen yet (a config not bound to a model).
+    attention = config._attn_implementation
+    if attention is not None and attention not in MASK_ATTENTION_IMPLEMENTATIONS:
+        return False, (
+            f"{model_type} with attn_implementation={attention!r}: packed batches need a 4D mask, which only "
+            f"{' and '.join(MASK_ATTENTION_IMPLEMENTATIONS)} take; load the model with attn_implementation='sdpa'"
+        )
+    if any(layer == "sliding_attention" for layer in getattr(config, "layer_types", None) or ()):
+        return False, f"{model_type}: sliding-window layers are not expressed by the packed mask"
+    return True, ""
+
+
+def packed_attention_mask(sequence_id: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
+    """Boolean `[..., L, L]` mask, True where query q may attend to key k: causal, within one sequence, and a
+    branch token only to prompt tokens and its own branch (`sequence_id`, `kind`: `[..., L]`).
+
+    >>> packed_attention_mask(torch.tensor([0, 0, 0, 0]), torch.tensor([0, 1, 2, 2])).int().tolist()
+    [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]]
+    """
+    length = sequence_id.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=sequence_id.device).tril()
+    same_sequence = sequence_id[..., :, None] == sequence_id[..., None, :]
+    key_kind, query_kind = kind[..., None, :], kind[..., :, None]
+    same_branch = (key_kind == SHARED) | (key_kind == query_kind)
+    return same_sequence & causal & same_branch
+
+
+def backbone_attention_mask(mask: torch.Tensor, config: PretrainedConfig, dtype: torch.dtype) -> torch.Tensor:
+    """The boolean `[R, 1, L, L]` mask in the form the backbone's attention takes: as is for sdpa, additive
+    (0 where attended, the dtype's minimum elsewhere) for eager, which adds the mask to the scores."""
+    if config._attn_implementation == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(dtype).min
+        )
+    return mask
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """How `segment_attention_forward` cuts a packed row, made once per forward by `plan_segments`.
+
+    `sizes` splits the row into parts; `steps[i]` says how part i attends: `("causal",)` (one sequence, or the
+    prompt + first branch of a shared sequence), `("branch", head, prefix, mask)` (a later branch: keys are the
+    first `prefix` keys of part `head` and its own), `("block", mask)` (several short sequences with a
+    block-diagonal mask: one SDPA call instead of one per sequence).
+    """
+
+    sizes: list[int]
+    steps: list[tuple]
+
+
+# Sequences shorter than this are attended together in blocks of up to this many tokens: per-call overhead
+# outweighs the masked-out work below it (CPU, SmolLM2, bf16, 16 pairs of ~50 tokens: one call per sequence
+# 0.89x the 4D-mask rows, blocks of 128 1.03x; `python benchmarks/bench_layouts.py`).
+SEGMENT_BLOCK_TOKENS = 128
+
+
+def plan_segments(
+    segments: Sequence[Sequence[int]], device: torch.device, block_tokens: int | None = None
+) -> SegmentPlan:
+    """The `SegmentPlan` of a batch's `segments` rows `(start, prefix, branch_1, ..., branch_K)` (0 = no
+    branch; an unshared sequence is `(start, length, 0, ...)`), in row order; `block_tokens` defaults to
+    `SEGMENT_BLOCK_TOKENS` (0: every sequence on its own)."""
+    if block_tokens is None:
+        block_tokens = SEGMENT_BLOCK_TOKENS
+    blocks: list[list[tuple[int, list[int]]]] = []
+    block_length = 0
+    for _, prefix, *branches in segments:
+        branches = [length for length in branches if length]
+        length = prefix + sum(branches)
+        if not blocks or block_length + length > block_tokens:
+            blocks.append([])
+            block_length = 0
+        blocks[-1].append((prefix, branches))
+        block_length += length
+    sizes, steps = [], []
+    for block in blocks:
+        if len(block) == 1:
+            prefix, branches = block[0]
+            head = len(steps)
+            sizes.append(prefix + (branches[0] if branches else 0))
+            steps.append(("causal",))
+            for branch in branches[1:]:
+                mask = torch.ones(branch, prefix + branch, dtype=torch.bool, device=device).tril(prefix)
+                sizes.append(branch)
+                steps.append(("branch", head, prefix, mask))
+            continue
+        kinds = [
+            kind
+            for prefix, branches in block
+            for kind in [SHARED] * prefix + [i for i, length in enumerate(branches, 1) for _ in range(length)]
+        ]
+        lengths = torch.tensor([prefix + sum(branches) for prefix, branches in block])
+        sequence_id = torch.repeat_interleave(torch.arange(len(block)), lengths)
+        sizes.append(int(lengths.sum()))
+        steps.append(("block", packed_attention_mask(sequence_id, torch.tensor(kinds)).to(device)))
+    return SegmentPlan(sizes, steps)
+
+
+def segment_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    rewardspeed_segments: SegmentPlan | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention of a segment row: one SDPA per sequence (short ones in small blocks) instead of one masked
+    SDPA over the whole row, so the cost is about the sum of the squared sequence lengths, not the square of
+    their sum. The plan arrives as the `rewardspeed_segments` keyword, which the decoder layers hand through
+    to attention; without it (plain padded batches) this IS `sdpa`.
+
+    For a shared sequence `(start, prompt, branch_1, branch_2, ...)`: prompt + branch_1 attend causally among
+    themselves; every later branch attends to the prompt and causally to itself (keys = prompt + branch, mask
+    `tril(diagonal=prompt)`), exactly what `prompt + branch` alone computes for it.
+
+    Returns:
+        `([1, N, heads, head_dim], None)` as transformers' attention functions do.
+    """
+    if rewardspeed_segments is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if query.shape[0] != 1:
+        raise ValueError(f"segment attention takes one packed row, got a batch of {query.shape[0]}")
+    plan = rewardspeed_segments
+    if sum(plan.sizes) != query.shape[2]:
+        raise ValueError(f"segments cover {sum(plan.sizes)} tokens, the row has {query.shape[2]}")
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: every query head gets its key/value head
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    dropout = dropout if module.training else 0.0
+    # Split (not slice) the row: the backward of a split is one concatenation, where every slice's backward
+    # would write a zero-filled tensor of the whole row.
+    queries, keys, values = (tensor.split(plan.sizes, dim=2) for tensor in (query, key, value))
+    outputs = []
+    for part, step in enumerate(plan.steps):
+        part_keys, part_values, options = keys[part], values[part], {}
+        if step[0] == "causal":
+            options["is_causal"] = True
+        elif step[0] == "branch":
+            _, head, prefix, options["attn_mask"] = step
+            part_keys = torch.cat([keys[head][:, :, :prefix], part_keys], dim=2)
+            part_values = torch.cat([values[head][:, :, :prefix], part_values], dim=2)
+        else:
+            options["attn_mask"] = step[1]
+        outputs.append(
+            functional.scaled_dot_product_attention(
+                queries[part], part_keys, part_values, dropout_p=dropout, scale=scaling, **options
+            )
+        )
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def register_segment_attention() -> None:
+    """Make `SEGMENT_ATTENTION` known to transformers (idempotent): the attention function, and sdpa's mask
+    builder for it (an all-ones 2D mask becomes None, so no `L x L` mask is built)."""
+    AttentionInterface.register(SEGMENT_ATTENTION, segment_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SEGMENT_ATTENTION, sdpa_mask)
+
+
+def use_segment_attention(reward_model: nn.Module) -> None:
+    """Switch an sdpa backbone to `SEGMENT_ATTENTION` (a no-op when it already is; plain batches compute the
+    same either way). Raises ValueError for other attention implementations, naming them."""
+    attention = reward_model.config._attn_implementation
+    if attention == SEGMENT_ATTENTION:
+        return
+    if attention != "sdpa":
+        raise ValueError(
+            f"segment attention needs attn_implementation='sdpa', the backbone has {attention!r}; "
+            "collate without segment attention (a 4D mask) instead"
+        )
+    register_segment_attention()
+    reward_model.backbone.set_attn_implementation(SEGMENT_ATTENTION)
+    # transformers only warns when a model cannot switch; the row would then attend across sequences.
+    if reward_model.config._attn_implementation != SEGMENT_ATTENTION:
+        raise ValueError(
+            f"{type(reward_model.backbone).__name__} did not switch to {SEGMENT_ATTENTION!r} attention; "
+            "collate without segment attention (a 4D mask) instead"
+        )
