@@ -1,0 +1,28 @@
+"""Preference data, in the order it flows: sources -> formats -> splits -> tokenize -> collate.
+
+    records.py       the types a row passes through, and `DataError`
+    sources.py       raw records from a file, a folder or a hub dataset
+    formats.py       which column holds which field; one record validated into a `PreferenceRow`
+    splits.py        DeepSpeed-Chat phase splits and held-out evaluation rows
+    tokenize.py      rows -> token ids (the one path for training, evaluation and scoring)
+    load.py          all of it for one training phase: `load_preference_data`
+    collate.py       token ids -> the tensors of a micro-batch, padded or packed
+    default_data.py  the generated preference set of the embedded default run
+
+Names resolve lazily: `from training.data import DataError` imports neither transformers nor torch.
+"""
+
+from model_utils.lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "training.data.records": ("DataError", "PreferenceData", "PreferenceRow"),
+        "training.data.sources": ("load_records", "split_row_range"),
+        "training.data.formats": ("detect_format", "parse_column_map"),
+        "training.data.splits": ("DEFAULT_DATA_SPLIT", "split_indices"),
+        "training.data.tokenize": ("finish_sequence", "tokenize_pair", "tokenize_response", "tokenize_rows"),
+        "training.data.load": ("load_preference_data", "read_preference_rows"),
+        "training.data.collate": ("PairCollator", "PackedPairCollator"),
+    },
+)

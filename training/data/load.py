@@ -1,0 +1,196 @@
+"""Loading preference data for one training phase: read -> validate -> split -> tokenise.
+
+    data = load_preference_data(["Anthropic/hh-rlhf", "pairs.jsonl"], tokenizer, max_seq_len=512)
+    data.train, data.eval, data.stats
+
+With `eval_data_paths` those sources (their eval split when they have one, else all rows) are the evaluation
+rows, and nothing is held out of the training sources (splits.py says how rows are held out otherwise).
+Invalid rows of every source are collected and reported in one `DataError` before any tokenisation, or skipped
+and counted by reason in `stats["skipped_rows"]` with `skip_invalid_rows=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+from training.data.formats import describe_value, detect_format, normalise_record
+from training.data.records import (
+    DataError,
+    PreferenceData,
+    PreferenceRow,
+    RawRecord,
+    RowError,
+    RowFormat,
+    SourceRows,
+)
+from training.data.sources import load_records, split_row_range
+from training.data.splits import DEFAULT_DATA_SPLIT, REWARD_PHASE, parse_data_split, split_indices
+from training.data.tokenize import tokenize_rows
+
+logger = logging.getLogger(__name__)
+
+MAX_LISTED_PROBLEMS = 20
+
+
+def _normalise_split(
+    records: list[RawRecord], row_format: RowFormat, source: SourceRows
+) -> list[PreferenceRow]:
+    rows = []
+    for record in records:
+        try:
+            row = normalise_record(record, row_format)
+        except RowError as error:
+            source.skipped[error.reason] += 1
+            source.problems.append(f"{record.origin}: {error}")
+            continue
+        if row is None:
+            source.ties_skipped += 1
+        else:
+            rows.append(row)
+    return rows
+
+
+def _column_names(records: list[RawRecord]) -> set[str]:
+    return set().union(*(record.value.keys() for record in records if isinstance(record.value, dict)))
+
+
+def read_source(source: str, column_map: dict[str, str] | None = None) -> SourceRows:
+    """Read and validate one source without raising on invalid rows (they are listed in `problems`)."""
+    location, row_range = split_row_range(source)
+    train_records, eval_records = load_records(location)
+    if row_range is not None:
+        train_records = train_records[row_range]
+    all_records = train_records + (eval_records or [])
+    if not all_records:
+        raise DataError(f"{source}: no rows")
+    if not any(isinstance(record.value, dict) for record in all_records):
+        first = all_records[0]
+        problem = first.json_error or f"expected a JSON object, got {describe_value(first.value)}"
+        raise DataError(f"{first.origin}: {problem}; no row of {source} is a JSON object")
+    row_format = detect_format(source, _column_names(all_records), column_map)
+    rows = SourceRows(source, [], None, rows_read=len(all_records))
+    rows.rows = _normalise_split(train_records, row_format, rows)
+    if eval_records is not None:
+        rows.eval_rows = _normalise_split(eval_records, row_format, rows)
+    return rows
+
+
+def raise_on_problems(sources: Sequence[SourceRows], skip_invalid_rows: bool) -> None:
+    """One `DataError` listing the invalid rows of all sources, unless they may be skipped."""
+    problems = [problem for source in sources for problem in source.problems]
+    if not problems or skip_invalid_rows:
+        return
+    listed = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
+    more = (
+        f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more"
+        if len(problems) > MAX_LISTED_PROBLEMS
+        else ""
+    )
+    raise DataError(
+        f"{len(problems)} invalid preference row(s); fix them or pass skip_invalid_rows=True to skip and "
+        f"count them:\n  {listed}{more}"
+    )
+
+
+def read_preference_rows(
+    path: str, column_map: dict[str, str] | None = None, skip_invalid_rows: bool = False
+) -> SourceRows:
+    """Normalised text rows of one source (for evaluation and inspection); raises `DataError` on invalid rows.
+
+    Returns:
+        `SourceRows`: `.rows` (all rows of a file, the train split of a folder or hub dataset) and `.eval_rows`
+        (the source's own evaluation split, or None), with the counts of skipped rows and ties.
+    """
+    source = read_source(path, column_map)
+    raise_on_problems([source], skip_invalid_rows)
+    if source.problems:
+        logger.warning("%s: skipped %d invalid rows %s", path, len(source.problems), dict(source.skipped))
+    return source
+
+
+def _phase_rows(
+    rows: list[PreferenceRow], weights: list[float], phase_index: int, seed: int, eval_fraction: float
+) -> tuple[list[PreferenceRow], list[PreferenceRow]]:
+    """(training rows of the phase, held-out evaluation rows) of one source's rows."""
+    train_indices, eval_indices = split_indices(len(rows), weights, phase_index, seed, eval_fraction)
+    return [rows[index] for index in train_indices], [rows[index] for index in eval_indices]
+
+
+def load_preference_data(
+    data_paths: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_len: int,
+    data_split: str = DEFAULT_DATA_SPLIT,
+    phase_index: int = REWARD_PHASE,
+    seed: int = 1234,
+    eval_fraction: float = 0.1,
+    column_map: dict[str, str] | None = None,
+    skip_invalid_rows: bool = False,
+    eval_data_paths: list[str] | None = None,
+) -> PreferenceData:
+    """Read, validate, blend, split and tokenise the preference data of one training phase.
+
+    Args:
+        data_paths: files, folders or hub names, blended (DeepSpeed-Chat `--data_path a b c`).
+        tokenizer: its chat template renders message rows; its EOS ends every response.
+        max_seq_len: longest prompt + response, in tokens.
+        data_split: phase weights of each source's training rows (`--data_split`).
+        phase_index: the portion to return (reward model: 1).
+        seed: fixes the shuffle of every source, hence the held-out rows and the phase portions.
+        eval_fraction: share of a source's rows held out for evaluation when it has no eval split.
+        column_map: {field: column} for layouts that are not detected (see the module docstring).
+        skip_invalid_rows: skip and count invalid rows instead of raising `DataError`.
+        eval_data_paths: evaluation sources; when given nothing is held out of `data_paths`.
+
+    Raises:
+        DataError: before any tokenisation, listing every invalid row (file, line or row, field).
+    """
+    if not data_paths:
+        raise DataError("no data paths given")
+    if not 0 <= eval_fraction < 1:
+        raise DataError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    weights = parse_data_split(data_split, phase_index)
+    sources = [read_source(path, column_map) for path in data_paths]
+    eval_sources = [read_source(path, column_map) for path in eval_data_paths or []]
+    raise_on_problems(sources + eval_sources, skip_invalid_rows)
+
+    train_rows, eval_rows, train_pairs_per_source = [], [], {}
+    for source in sources:
+        hold_out = not eval_data_paths and source.eval_rows is None
+        source_train, held_out = _phase_rows(
+            source.rows, weights, phase_index, seed, eval_fraction if hold_out else 0.0
+        )
+        train_rows += source_train
+        train_pairs_per_source[source.source] = len(source_train)
+        if not eval_data_paths:
+            eval_rows += held_out if hold_out else source.eval_rows
+    for source in eval_sources:
+        eval_rows += source.eval_rows if source.eval_rows is not None else source.rows
+    if not train_rows:
+        raise DataError(
+            f"no training rows for phase {phase_index} of data_split {data_split!r} in {data_paths}"
+        )
+
+    train, train_counts = tokenize_rows(tokenizer, train_rows, max_seq_len)
+    evaluation, eval_counts = tokenize_rows(tokenizer, eval_rows, max_seq_len)
+    all_sources = sources + eval_sources
+    stats = {
+        "rows_read": {source.source: source.rows_read for source in all_sources},
+        "train_pairs_per_source": train_pairs_per_source,
+        "train_pairs": len(train),
+        "eval_pairs": len(evaluation),
+        "truncated_rows": {"train": train_counts["truncated_rows"], "eval": eval_counts["truncated_rows"]},
+        "truncated_responses": {
+            "train": train_counts["truncated_responses"],
+            "eval": eval_counts["truncated_responses"],
+        },
+        "skipped_rows": dict(sum((source.skipped for source in all_sources), Counter())),
+        "ties_skipped": sum(source.ties_skipped for source in all_sources),
+    }
+    logger.info("Preference data: %s", json.dumps(stats))
+    return PreferenceData(train=train, eval=evaluation, stats=stats)

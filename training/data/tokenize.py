@@ -1,0 +1,214 @@
+"""Tokenisation: the one path from a row to token ids, for training, evaluation and scoring alike.
+
+prompt + response is rendered and tokenised as one text (`add_special_tokens=True`; a double BOS from a chat
+template that writes its own BOS is collapsed to one), then `tokenizer.eos_token_id` is appended unless the
+sequence already ends with it (chat renderings have trailing whitespace removed first, so a template ending
+"<|im_end|>\\n" ends on its EOS). `prompt_ids` is the token prefix the chosen and rejected sequences share (each
+response keeps at least its EOS); `chosen_ids`/`rejected_ids` are the rest. Sequences whose prompt + longest
+response exceed `max_seq_len` lose prompt tokens from the left (BOS kept); a response longer than the room left
+by BOS is cut from the right, keeping its final EOS (`truncate_responses`). Nothing is dropped; truncations are
+counted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from training.data.formats import as_messages, content_field, margin_field, response_messages
+from training.data.records import Content, DataError, PreferenceRow, RowError
+
+
+def render_conversations(
+    tokenizer: PreTrainedTokenizerBase, prompt: Content, responses: Sequence[Content]
+) -> list[str]:
+    """One text per response: `prompt + response`, or the chat template applied to the conversation."""
+    if isinstance(prompt, str) and all(isinstance(response, str) for response in responses):
+        return [prompt + response for response in responses]
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("chat-message rows need a tokenizer with a chat template; this tokenizer has none")
+    prompt_messages = as_messages(prompt, "user")
+    return [
+        tokenizer.apply_chat_template(
+            prompt_messages + response_messages(prompt_messages, response), tokenize=False
+        ).rstrip()
+        for response in responses
+    ]
+
+
+def _render_row(
+    tokenizer: PreTrainedTokenizerBase, origin: str, prompt: Content, responses: list[Content]
+) -> list[str]:
+    """`render_conversations` for one row; a chat template that fails on it is a `DataError` naming the row."""
+    try:
+        return render_conversations(tokenizer, prompt, responses)
+    except DataError:
+        raise
+    except Exception as error:  # the template is user-supplied Jinja code: it may raise anything on odd rows
+        raise DataError(
+            f"{origin}: the tokenizer's chat template failed on this row ({type(error).__name__}: {error})"
+        ) from None
+
+
+def finish_sequence(token_ids: list[int], bos_token_id: int | None, eos_token_id: int) -> list[int]:
+    """Collapse a leading double BOS and end the sequence with exactly one appended EOS (if not already there).
+
+    >>> finish_sequence([1, 1, 7, 8], bos_token_id=1, eos_token_id=2)
+    [1, 7, 8, 2]
+    >>> finish_sequence([7, 8, 2], bos_token_id=None, eos_token_id=2)
+    [7, 8, 2]
+    """
+    if bos_token_id is not None and token_ids[:2] == [bos_token_id, bos_token_id]:
+        token_ids = token_ids[1:]
+    return token_ids if token_ids[-1:] == [eos_token_id] else [*token_ids, eos_token_id]
+
+
+def shared_prefix_length(sequences: Sequence[list[int]]) -> int:
+    """Length of the token prefix all `sequences` share, capped so that each keeps at least one token (its EOS).
+
+    >>> shared_prefix_length([[1, 5, 6, 2], [1, 5, 7, 2], [1, 5, 6, 8, 2]])
+    2
+    """
+    length = min(len(sequence) for sequence in sequences)
+    first = np.asarray(sequences[0][:length])
+    shared = length
+    for sequence in sequences[1:]:
+        differs = np.flatnonzero(first[:shared] != np.asarray(sequence[:shared]))
+        shared = int(differs[0]) if differs.size else shared
+    return min(shared, length - 1)
+
+
+def _clip_response(response_ids: list[int], budget: int) -> list[int]:
+    """Cut a response from the right to `budget` tokens, keeping its final token (the EOS)."""
+    return response_ids if len(response_ids) <= budget else [*response_ids[: budget - 1], response_ids[-1]]
+
+
+def truncate_responses(
+    prompt_ids: list[int], responses: Sequence[list[int]], max_seq_len: int, bos_token_id: int | None
+) -> tuple[list[int], list[list[int]], bool]:
+    """Fit prompt + longest response into `max_seq_len`: drop prompt tokens from the left (BOS kept), then cut
+    responses that alone do not fit from the right (EOS kept). Returns the prompt, the responses and whether a
+    response was cut. The same rule for training pairs, K-response rows and scoring one response.
+
+    >>> truncate_responses([1, 5, 6, 7], [[8, 2], [9, 9, 2]], max_seq_len=5, bos_token_id=1)
+    ([1, 7], [[8, 2], [9, 9, 2]], False)
+    """
+    keep = 1 if bos_token_id is not None and prompt_ids[:1] == [bos_token_id] else 0
+    response_budget = max_seq_len - keep
+    clipped = [_clip_response(response, response_budget) for response in responses]
+    prompt_budget = response_budget - max(len(response) for response in clipped)
+    body = prompt_ids[keep:]
+    prompt_ids = prompt_ids[:keep] + body[max(0, len(body) - prompt_budget) :]
+    return prompt_ids, clipped, clipped != list(responses)
+
+
+def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> None:
+    if tokenizer.eos_token_id is None:
+        raise DataError(
+            "the tokenizer has no EOS token; every response must end with one (the reward is read there)"
+        )
+    if max_seq_len < 3:
+        raise DataError(f"max_seq_len must be at least 3 (BOS, one response token, EOS), got {max_seq_len}")
+
+
+def tokenize_rows(
+    tokenizer: PreTrainedTokenizerBase, rows: Sequence[PreferenceRow], max_seq_len: int
+) -> tuple[list[dict], Counter[str]]:
+    """Tokenise preference rows (one batched tokenizer call); the one function for training and evaluation.
+
+    Returns:
+        pairs `{"prompt_ids", "chosen_ids", "rejected_ids", "margin"}` with
+        `len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) <= max_seq_len`, and counts
+        `{"truncated_rows": n, "truncated_responses": n}`.
+    """
+    _check_tokenizer(tokenizer, max_seq_len)
+    if not rows:
+        return [], Counter()
+    texts = [_render_row(tokenizer, row.origin, row.prompt, [row.chosen, row.rejected]) for row in rows]
+    encoded = tokenizer([text for pair in texts for text in pair], add_special_tokens=True, verbose=False)[
+        "input_ids"
+    ]
+    bos_token_id, eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pairs, counts = [], Counter(truncated_rows=0, truncated_responses=0)
+    for row, chosen_full, rejected_full in zip(rows, encoded[0::2], encoded[1::2], strict=True):
+        full = [finish_sequence(ids, bos_token_id, eos_token_id) for ids in (chosen_full, rejected_full)]
+        shared = shared_prefix_length(full)
+        prompt_ids, responses = full[0][:shared], [ids[shared:] for ids in full]
+        if shared + max(len(response) for response in responses) > max_seq_len:
+            prompt_ids, responses, response_cut = truncate_responses(
+                prompt_ids, responses, max_seq_len, bos_token_id
+            )
+            counts["truncated_rows"] += 1
+            counts["truncated_responses"] += response_cut
+        chosen_ids, rejected_ids = responses
+        pairs.append(
+            {
+                "prompt_ids": prompt_ids,
+                "chosen_ids": chosen_ids,
+                "rejected_ids": rejected_ids,
+                "margin": row.margin,
+            }
+        )
+    return pairs, counts
+
+
+def tokenize_response(
+    tokenizer: PreTrainedTokenizerBase, prompt: Content, response: Content, max_seq_len: int
+) -> list[int]:
+    """The token ids of one `prompt + response` (texts or messages), as training would see them: rendered,
+    tokenised, ended with one EOS and, when too long, truncated by `truncate_responses` (prompt cut from the
+    left after its BOS, the response from the right before its EOS). What `evaluate --score` scores.
+    """
+    _check_tokenizer(tokenizer, max_seq_len)
+    fields = {"prompt": prompt, "response": response}
+    try:
+        prompt, response = (content_field(fields, name) for name in ("prompt", "response"))
+    except RowError as error:
+        raise DataError(f"tokenize_response: {error}") from None
+    (text,) = _render_row(tokenizer, "tokenize_response", prompt, [response])
+    token_ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
+    full = finish_sequence(token_ids, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    if len(full) <= max_seq_len:
+        return full
+    # Where the prompt ends: the prefix `full` shares with the prompt rendered alone.
+    if isinstance(prompt, str) and isinstance(response, str):
+        prompt_text = prompt
+    else:
+        prompt_text = tokenizer.apply_chat_template(as_messages(prompt, "user"), tokenize=False)
+    prompt_alone = tokenizer(prompt_text, add_special_tokens=True, verbose=False)["input_ids"]
+    shared = shared_prefix_length([full, [*prompt_alone, -1]])
+    prompt_ids, (response_ids,), _ = truncate_responses(
+        full[:shared], [full[shared:]], max_seq_len, tokenizer.bos_token_id
+    )
+    return prompt_ids + response_ids
+
+
+def tokenize_pair(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: Content,
+    chosen: Content,
+    rejected: Content,
+    max_seq_len: int,
+    margin: float | None = None,
+) -> tuple[dict, bool]:
+    """Tokenise one pair (texts or messages, as in `PreferenceRow`) exactly as `tokenize_rows` does.
+
+    Returns:
+        (`{"prompt_ids", "chosen_ids", "rejected_ids", "margin"}`, whether it was truncated).
+
+    Raises:
+        DataError: a field that is neither text nor a list of `{"role", "content"}` texts, invalid unicode,
+            or a margin that is not a finite number.
+    """
+    fields = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": margin}
+    try:
+        prompt, chosen, rejected = (content_field(fields, name) for name in ("prompt", "chosen", "rejected"))
+        margin = margin_field(fields, "margin")
+    except RowError as error:
+        raise DataError(f"tokenize_pair: {error}") from None
+    row = PreferenceRow(prompt, chosen, rejected, margin, origin="tokenize_pair")
+    pairs, counts = tokenize_rows(tokenizer, [row], max_seq_len)
+    return pairs[0], counts["truncated_rows"] > 0
