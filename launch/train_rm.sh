@@ -8,17 +8,10 @@
 #   NUM_PROCS=2 launch/train_rm.sh --zero_stage 2        # CPU-only machine, 2 processes (gloo)
 #
 # Every argument is passed to `python -m training.train_rm` (see README for the flags); MASTER_PORT picks
-# the rendezvous port (default 29500). With no arguments the embedded default's settings are used.
+# the rendezvous port (default 29500). With no arguments `training.train_rm` runs the embedded default
+# (its settings: `DEFAULT_RUN` in training/arguments.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-if [ "$#" -eq 0 ]; then
-  # The embedded default: sized so that 2 CPU cores finish within 15 minutes (README, "The default run").
-  set -- --model_name_or_path default --data_path default --dtype bf16 \
-    --per_device_train_batch_size 16 --per_device_eval_batch_size 32 --max_seq_len 64 \
-    --learning_rate 1e-4 --num_warmup_steps 10 --max_steps 150 --lr_scheduler_type cosine \
-    --dropout 0.0 --eval_interval 50 --output_dir output/default_rm
-fi
 
 launcher_args=(--master_port "${MASTER_PORT:-29500}")
 if [ -n "${HOSTFILE:-}" ]; then

@@ -1,7 +1,11 @@
 """One typed config for a training run, with DeepSpeed-Chat step-2 flag names, checked once.
 
 `TrainConfig` is parsed from the command line (`parse_args`), validated in `__post_init__` and never mutated
-afterwards. Values that depend on the world size (global batch) are computed in `batch_sizes`, in one place.
+afterwards. Values that depend on the world size are computed where the world is known: the global batch in
+`training/ds_config.py::build_ds_config`, the number of optimizer steps in `training/sampling.py::total_steps`.
+
+With no arguments (the `deepspeed` launcher's `--local_rank` aside) the run is the embedded default,
+`DEFAULT_RUN`: what `launch/train_rm.sh` and a bare `python -m training.train_rm` train.
 """
 
 from __future__ import annotations
@@ -9,21 +13,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 
+from model_utils.checkpoint.names import SAVE_FORMATS
+from training.data.splits import DEFAULT_DATA_SPLIT
+from training.errors import ConfigError
+
 DEFAULT_MODEL = "default"  # the packaged SmolLM2-135M-Instruct (model_utils.default_model)
-DEFAULT_DATA = "default"  # the project's generated preference set (training.default_data)
-SAVE_FORMATS = ("hf", "auto_map", "dschat")
+DEFAULT_DATA = "default"  # the project's generated preference set (training.data.default_data)
+# The embedded default run, sized so that 2 CPU cores finish within 15 minutes (README, "The default run").
+DEFAULT_RUN = (
+    "--model_name_or_path", DEFAULT_MODEL, "--data_path", DEFAULT_DATA, "--dtype", "bf16",
+    "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32", "--max_seq_len", "64",
+    "--learning_rate", "1e-4", "--num_warmup_steps", "10", "--max_steps", "150", "--lr_scheduler_type", "cosine",
+    "--dropout", "0.0", "--eval_interval", "50", "--output_dir", "output/default_rm",
+)  # fmt: skip
 LOSS_TYPES = ("pairwise", "dschat")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 SWITCH = ("auto", "on", "off")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-
-
-class ConfigError(ValueError):
-    """Flags (or a DeepSpeed config) that do not fit together; the message names them."""
 
 
 def _help(text: str, **kwargs) -> dict:
@@ -41,7 +52,7 @@ class TrainConfig:
         ),
     )
     data_split: str = field(
-        default="0,1,0",
+        default=DEFAULT_DATA_SPLIT,
         metadata=_help(
             "DeepSpeed-Chat phase weights (SFT, reward, RLHF); reward training uses the 2nd portion. "
             "The default gives it every training row; 2,4,4 reproduces DeepSpeed-Chat's split."
@@ -264,7 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Parse and validate; a bad combination exits with status 2 and a message naming the flags."""
+    """Parse and validate; a bad combination exits with status 2 and a message naming the flags.
+
+    No arguments (but the launcher's `--local_rank`) means the embedded default run, `DEFAULT_RUN`.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if all(argument.startswith("--local_rank") for argument in argv):
+        argv = [*DEFAULT_RUN, *argv]
     parser = build_parser()
     namespace = parser.parse_args(argv)
     try:

@@ -11,8 +11,9 @@ The model folder may be in any saved layout (hf, auto_map, dschat); it is loaded
 
 Which rows: a source with its own evaluation split (a folder with `test*`/`eval*` files, a hub dataset with a
 test split) is evaluated on that split; a source without one (a single file) on all its rows. Training
-with `--eval_data_paths` unset holds out a seeded share of such a file instead, so to reproduce the trainer's
-numbers pass the same evaluation file to both. Rows are tokenised exactly as in training (`tokenize_rows`).
+with `--eval_data_path` unset holds out a seeded share of such a file instead, so to reproduce the trainer's
+numbers pass the same evaluation file to both. Rows are tokenised exactly as in training (`tokenize_rows`), and
+`--score` texts through the same truncation (`tokenize_response`).
 
 The last line printed is one JSON object: `accuracy` (ties count as wrong), `chosen_mean`, `rejected_mean`,
 `margin_mean`, `reward_mean`, `reward_std`, `num_pairs`. Bad input (a missing file, an invalid row, a folder
@@ -32,43 +33,9 @@ import torch
 from torch.utils.data import DataLoader
 
 
-def reward_statistics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, float | int]:
-    """Pairwise accuracy and reward statistics (the training loop's evaluation uses this too).
-
-    Args:
-        chosen_rewards: `[N]` rewards of the preferred responses.
-        rejected_rewards: `[N]` rewards of the other responses, pair by pair.
-
-    Returns:
-        `accuracy` (share of pairs with chosen > rejected; ties count as wrong), `chosen_mean`,
-        `rejected_mean`, `margin_mean` (mean of chosen - rejected), `reward_mean` and `reward_std` (over all
-        2N rewards, population std), `num_pairs`.
-
-    >>> stats = reward_statistics(torch.tensor([2.0, 0.0, 1.0]), torch.tensor([1.0, 1.0, 1.0]))
-    >>> stats["accuracy"], stats["margin_mean"], stats["num_pairs"]
-    (0.3333333333333333, 0.0, 3)
-    """
-    chosen = chosen_rewards.detach().double().flatten().cpu()
-    rejected = rejected_rewards.detach().double().flatten().cpu()
-    if chosen.shape != rejected.shape:
-        raise ValueError(f"chosen and rejected rewards differ in shape: {chosen.shape} vs {rejected.shape}")
-    if chosen.numel() == 0:
-        raise ValueError("no pairs to evaluate")
-    both = torch.cat([chosen, rejected])
-    return {
-        "accuracy": (chosen > rejected).double().mean().item(),
-        "chosen_mean": chosen.mean().item(),
-        "rejected_mean": rejected.mean().item(),
-        "margin_mean": (chosen - rejected).mean().item(),
-        "reward_mean": both.mean().item(),
-        "reward_std": both.std(unbiased=False).item(),
-        "num_pairs": chosen.numel(),
-    }
-
-
 def evaluation_rows(data_paths: Sequence[str]) -> list:
     """Each source's own evaluation split when it has one, else all its rows (see the module docstring)."""
-    from training.data import read_preference_rows
+    from training.data.load import read_preference_rows
 
     rows = []
     for path in data_paths:
@@ -89,7 +56,7 @@ def pair_rewards(
 
     Each batch of B pairs goes through the model once as `[2B, T]` (chosen rows first, `PairCollator`).
     """
-    from training.data import PairCollator
+    from training.data.collate import PairCollator
 
     loader = DataLoader(
         list(pairs), batch_size=batch_size, collate_fn=PairCollator(pad_token_id, padding_side=padding_side)
@@ -114,14 +81,13 @@ def score_responses(
     responses: Sequence[str],
     max_seq_len: int,
 ) -> list[float]:
-    """Reward of each `prompt + response` text, tokenised as in training (one EOS appended, left-truncated)."""
-    from training.data import finish_sequence
+    """Reward of each `prompt + response`, tokenised and truncated as in training (`tokenize_response`)."""
+    from training.data.tokenize import tokenize_response
 
+    device = next(reward_model.parameters()).device
     scores = []
     for prompt, response in zip(prompts, responses, strict=True):
-        token_ids = tokenizer(prompt + response, add_special_tokens=True, verbose=False)["input_ids"]
-        token_ids = finish_sequence(token_ids, tokenizer.bos_token_id, tokenizer.eos_token_id)[-max_seq_len:]
-        input_ids = torch.tensor([token_ids], device=next(reward_model.parameters()).device)
+        input_ids = torch.tensor([tokenize_response(tokenizer, prompt, response, max_seq_len)], device=device)
         scores.append(reward_model(input_ids, torch.ones_like(input_ids)).float().item())
     return scores
 
@@ -193,30 +159,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def load_reward_model(
-    model_name_or_path: str, tokenizer_name_or_path: str | None, num_padding_at_beginning: int
-):
-    """(critic in eval mode, tokenizer) from a saved reward model folder, without DeepSpeed."""
-    from model_utils.checkpoint import read_config
-    from model_utils.model_factory import create_critic_model, load_tokenizer
-
-    if not os.path.exists(model_name_or_path):
-        raise FileNotFoundError(f"{model_name_or_path}: no such model folder")
-    read_config(model_name_or_path)  # a broken config.json is named as such, before the tokenizer trips on it
-    tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path)
-    reward_model = create_critic_model(
-        model_name_or_path,
-        tokenizer,
-        num_padding_at_beginning=num_padding_at_beginning,
-        rlhf_training=True,
-        dropout=0.0,
-    )
-    return reward_model.eval(), tokenizer
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate / score / plot as asked; returns the final JSON record."""
-    from training.data import DataError, tokenize_rows
+    from model_utils.model_factory import load_reward_model
+    from training.data.records import DataError
+    from training.data.tokenize import tokenize_rows
+    from training.metrics import reward_statistics
 
     for path in args.data_path:
         if os.path.sep in path and not os.path.exists(path.split("[")[0]):
@@ -225,6 +173,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.data_path and not args.score:
         plot_rewards(args.plot, None, None, metrics)
         return {"plot": args.plot}
+    if not os.path.exists(args.model_name_or_path):
+        raise FileNotFoundError(f"{args.model_name_or_path}: no such model folder")
     reward_model, tokenizer = load_reward_model(
         args.model_name_or_path, args.tokenizer_name_or_path, args.num_padding_at_beginning
     )
@@ -251,8 +201,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the evaluation; print the final JSON line; return 0, or 2 with a one-line error on stderr."""
-    from model_utils.checkpoint import CheckpointError
-    from training.data import DataError
+    from model_utils.checkpoint.errors import CheckpointError
+    from training.data.records import DataError
 
     args = parse_args(argv)
     try:

@@ -19,11 +19,11 @@ import sys
 
 import torch
 
-from model_utils.checkpoint import CheckpointError
+from model_utils.checkpoint.errors import CheckpointError
 from model_utils.distributed import destroy_distributed, exit_process, init_distributed, rank, world_size
-from training.arguments import DEFAULT_DATA, DEFAULT_MODEL, ConfigError, TrainConfig, parse_args
-from training.data import DataError, PairCollator, PreferenceData, load_preference_data, parse_column_map
-from training.trainer import TrainingError
+from training.arguments import DEFAULT_DATA, DEFAULT_MODEL, TrainConfig, parse_args
+from training.data.records import DataError, PreferenceData
+from training.errors import ConfigError, TrainingError
 
 logger = logging.getLogger("training.train_rm")
 
@@ -40,7 +40,7 @@ def resolve_data_paths(config: TrainConfig) -> list[str]:
     """'default' becomes the generated preference set (written once by rank 0 into output_dir/default_data)."""
     if DEFAULT_DATA not in config.data_path:
         return list(config.data_path)
-    from training.default_data import write_default_dataset
+    from training.data.default_data import write_default_dataset
 
     folder = os.path.join(config.output_dir, "default_data")
     if rank() == 0:
@@ -51,6 +51,9 @@ def resolve_data_paths(config: TrainConfig) -> list[str]:
 
 
 def load_data(config: TrainConfig, tokenizer) -> PreferenceData:
+    from training.data.formats import parse_column_map
+    from training.data.load import load_preference_data
+
     data = load_preference_data(
         resolve_data_paths(config),
         tokenizer,
@@ -76,37 +79,6 @@ def report_data(data: PreferenceData) -> None:
         stats.get("truncated_rows"),
         dict(stats.get("skipped_rows", {})),
         stats.get("ties_skipped"),
-    )
-
-
-def build_collator(config: TrainConfig, tokenizer, model_config):
-    """The plain padded collator, or the packed / prompt-sharing one where it is exact and asked for.
-
-    `auto` turns packing and prompt sharing on for backbones and losses where they give the plain rewards
-    (fp32, 1e-5); `on` where they cannot is an error naming the reason.
-    """
-    from training.packing import SEGMENT_ATTENTION, PackedPairCollator, supports_packing
-
-    supported, reason = supports_packing(model_config)
-    if config.loss_type != "pairwise":
-        supported, reason = False, f"--loss_type {config.loss_type} needs padded pairs"
-    for flag in ("packing", "share_prompt"):
-        if getattr(config, flag) == "on" and not supported:
-            raise ConfigError(f"--{flag} on: {reason}")
-    packing = supported and config.packing != "off"
-    share_prompt = supported and config.share_prompt != "off"
-    logger.info("packing %s, prompt sharing %s%s", packing, share_prompt, "" if supported else f" ({reason})")
-    if not (packing or share_prompt):
-        return PairCollator(tokenizer.pad_token_id)
-    budget = config.max_seq_len * (2 if share_prompt else 1) if packing else None
-    # sdpa backbones: one row per micro-batch, attention per sequence (no padding, no L x L mask); eager:
-    # rows of at most `budget` tokens with a block-diagonal 4D mask.
-    segment_attention = packing and model_config._attn_implementation in ("sdpa", SEGMENT_ATTENTION)
-    return PackedPairCollator(
-        tokenizer.pad_token_id,
-        max_tokens_per_row=budget,
-        share_prompt=share_prompt,
-        segment_attention=segment_attention,
     )
 
 
@@ -172,11 +144,16 @@ def main(argv: list[str] | None = None) -> dict:
     init_distributed(timeout_minutes=config.dist_timeout_s / 60 if config.dist_timeout_s else None)
     import deepspeed
 
-    from model_utils.checkpoint import save_reward_model
-    from model_utils.model_factory import create_critic_model, load_tokenizer
+    from model_utils.checkpoint.save import save_reward_model
+    from model_utils.model_factory import create_critic_model
+    from model_utils.tokenizer import load_tokenizer
+    from training.checkpointing import TrainState, load_latest_checkpoint
     from training.ds_config import build_ds_config, resolve_dtype, torch_dtype
+    from training.layout import choose_layout
     from training.lora import apply_lora, merge_lora
-    from training.trainer import MetricsLog, TrainState, evaluate, load_latest_checkpoint, total_steps, train
+    from training.metrics import MetricsLog
+    from training.sampling import total_steps
+    from training.trainer import run_evaluation, train
 
     torch.manual_seed(config.seed)
     ds_config = build_ds_config(config, world_size())
@@ -193,10 +170,11 @@ def main(argv: list[str] | None = None) -> dict:
         dropout=config.dropout,
         dtype=torch_dtype(resolve_dtype(config.dtype)),
         trust_remote_code=config.trust_remote_code,
+        head_seed=config.seed,
     )
-    torch.manual_seed(config.seed)  # the head's initialisation must not depend on how the backbone was built
-    torch.nn.init.normal_(reward_model.v_head.weight, std=1.0 / (reward_model.v_head.in_features + 1) ** 0.5)
+    layout = choose_layout(config, reward_model)
     freeze_bottom_layers(reward_model, config.num_frozen_layers)
+    torch.manual_seed(config.seed)  # LoRA's initialisation must not depend on how the backbone was built
     apply_lora(reward_model, config)
     if config.gradient_checkpointing:
         reward_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -214,10 +192,12 @@ def main(argv: list[str] | None = None) -> dict:
             f"resuming at step {state.global_step}" if state else "--resume: no checkpoint yet, starting"
         )
     metrics = MetricsLog(config, resumed_step=state.global_step if state else None)
-    collator = build_collator(config, tokenizer, reward_model.config)
-    state = train(engine, data.train, data.eval, collator, config, state or TrainState(), metrics)
+    collator = layout.collator(tokenizer.pad_token_id)
+    state = train(
+        engine, data.train, data.eval, collator, layout, config, state or TrainState(), metrics, num_steps
+    )
 
-    results = evaluate(engine, data.eval, collator, config.per_device_eval_batch_size)
+    results = run_evaluation(engine, data.eval, collator, layout, config.per_device_eval_batch_size)
     metrics.write({"step": state.global_step, **{f"eval_{key}": value for key, value in results.items()}})
     metrics.close()
     merge_lora(engine.module)
