@@ -45,9 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from benchmarks.bench_rm import load_pairs
+    from model_utils import create_critic_model, load_tokenizer, packed_attention
     from model_utils.default_model import default_model_path
-    from model_utils.model_factory import create_critic_model, load_tokenizer
-    from training import packing
+    from training.data.collate import PackedPairCollator
+    from training.layout import MASK, SEGMENTS, BatchLayout, batch_rewards
     from training.losses import pairwise_loss
 
     torch.set_num_threads(args.threads)
@@ -59,8 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     model = create_critic_model(path, tokenizer, dtype=dtype).train()
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
 
-    layouts = {"mask": (packing.PackedPairCollator(tokenizer.pad_token_id, 2 * args.max_seq_len, True), None)}
-    segment_collator = packing.PackedPairCollator(
+    packed_attention.use_segment_attention(model)
+    layouts = {"mask": (PackedPairCollator(tokenizer.pad_token_id, 2 * args.max_seq_len, True), None)}
+    segment_collator = PackedPairCollator(
         tokenizer.pad_token_id, None, share_prompt=True, segment_attention=True
     )
     for block in (int(b) for b in args.blocks.split(",")):
@@ -73,8 +75,11 @@ def main(argv: list[str] | None = None) -> None:
             collator, block = layouts[name]
             start = time.perf_counter()
             batch = collator(batch_pairs)
-            with mock.patch.object(packing, "SEGMENT_BLOCK_TOKENS", block or 0):
-                chosen, rejected = packing.packed_rewards(model, batch)
+            layout = BatchLayout(
+                packing=True, share_prompt=True, attention=MASK if name == "mask" else SEGMENTS
+            )
+            with mock.patch.object(packed_attention, "SEGMENT_BLOCK_TOKENS", block or 0):
+                chosen, rejected = batch_rewards(model, batch, layout)
             pairwise_loss(chosen.float(), rejected.float()).backward()
             model.zero_grad(set_to_none=True)
             if step:

@@ -12,7 +12,7 @@ compare runs that saw the same background load; the report gives medians of thos
 
 Configurations, per precision (fp32, bf16) and data set:
     plain / pack / share / pack+share  this project: `PairCollator`, or `PackedPairCollator` with packing
-                                       and/or prompt sharing, rewards from one forward (`packed_rewards`)
+                                       and/or prompt sharing, rewards from one forward (`batch_rewards`)
     dschat                             DeepSpeed-Chat step 2: every sequence padded to `--max_seq_len`,
                                        chosen + rejected in one forward, per-token values, divergence-span loss
     trl                                TRL `RewardTrainer` at matched settings (AdamW, precision, pairs per
@@ -69,30 +69,37 @@ ALL_MODES = PROJECT_MODES + TRL_MODES
 # --- worker: one project configuration in this process ----------------------------------------------------
 
 
-def make_collator(mode: str, pad_token_id: int, max_seq_len: int):
-    """The collator a mode trains with (as `training.train_rm.build_collator` builds it for that mode)."""
-    from training.data import PairCollator
-    from training.packing import PackedPairCollator
+def mode_layout(mode: str):
+    """The batch layout a mode trains with (as `training.layout.choose_layout` picks it for an sdpa backbone)."""
+    from training.layout import MASK, SEGMENTS, BatchLayout
 
-    if mode == "plain":
-        return PairCollator(pad_token_id)
-    if mode == "dschat":  # DeepSpeed-Chat pads every sequence to max_seq_len
+    layouts = {
+        "plain": BatchLayout(),
+        "dschat": BatchLayout(),
+        "pack": BatchLayout(packing=True, attention=SEGMENTS),
+        "share": BatchLayout(
+            share_prompt=True, attention=MASK
+        ),  # one sequence per row, padded to the longest
+        "pack+share": BatchLayout(packing=True, share_prompt=True, attention=SEGMENTS),
+    }
+    if mode not in layouts:
+        raise ValueError(f"not a project mode: {mode}")
+    return layouts[mode]
+
+
+def make_collator(mode: str, pad_token_id: int, max_seq_len: int):
+    """The collator a mode trains with; DeepSpeed-Chat pads every sequence to max_seq_len."""
+    from training.data.collate import PairCollator
+
+    if mode == "dschat":
         return PairCollator(pad_token_id, pad_to_multiple_of=max_seq_len)
-    if mode == "pack":
-        return PackedPairCollator(pad_token_id, max_tokens_per_row=max_seq_len, segment_attention=True)
-    if mode == "share":  # one sequence per row, padded to the longest: sharing without packing
-        return PackedPairCollator(pad_token_id, max_tokens_per_row=None, share_prompt=True)
-    if mode == "pack+share":
-        return PackedPairCollator(
-            pad_token_id, max_tokens_per_row=2 * max_seq_len, share_prompt=True, segment_attention=True
-        )
-    raise ValueError(f"not a project mode: {mode}")
+    return mode_layout(mode).collator(pad_token_id)
 
 
 def step_loss(reward_model, batch: dict, mode: str):
     """The training loss of one collated batch, as the project's trainer computes it for that mode."""
+    from training.layout import batch_rewards
     from training.losses import divergence_span_loss, pairwise_loss
-    from training.packing import packed_rewards
 
     if mode == "dschat":
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
@@ -103,11 +110,7 @@ def step_loss(reward_model, batch: dict, mode: str):
         return divergence_span_loss(
             chosen_values, rejected_values, chosen_ids, rejected_ids, chosen_mask, rejected_mask
         )
-    if "chosen_index" in batch:
-        chosen_rewards, rejected_rewards = packed_rewards(reward_model, batch)
-    else:
-        chosen_rewards, rejected_rewards = reward_model(batch["input_ids"], batch["attention_mask"]).chunk(2)
-    return pairwise_loss(chosen_rewards.float(), rejected_rewards.float())
+    return pairwise_loss(*batch_rewards(reward_model, batch, mode_layout(mode)))
 
 
 def run_project_worker(job: dict) -> dict:
@@ -115,7 +118,7 @@ def run_project_worker(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(job["threads"])
-    from model_utils.model_factory import create_critic_model, load_tokenizer
+    from model_utils import create_critic_model, load_tokenizer
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[job["dtype"]]
     pairs = [json.loads(line) for line in Path(job["pairs_path"]).read_text().splitlines()]
@@ -129,6 +132,10 @@ def run_project_worker(job: dict) -> dict:
     torch.nn.init.normal_(reward_model.v_head.weight, std=1.0 / (reward_model.v_head.in_features + 1) ** 0.5)
     reward_model.train()
     attention = reward_model.config._attn_implementation
+    if job["mode"] in ("pack", "pack+share"):
+        from model_utils.packed_attention import use_segment_attention
+
+        use_segment_attention(reward_model)
     parameters = [parameter for parameter in reward_model.parameters() if parameter.requires_grad]
     # bf16: an fp32 master copy holds the optimizer's state and update, as DeepSpeed's bf16 mode does.
     master = (
@@ -201,7 +208,7 @@ def load_pairs(dataset: str, tokenizer, max_seq_len: int) -> tuple[list[dict], s
     elif dataset == "alpaca":
         source = str(ALPACA_PATH)
     elif dataset == "default":
-        from training.default_data import write_default_dataset
+        from training.data.default_data import write_default_dataset
 
         folder = tempfile.mkdtemp(prefix="rewardspeed-bench-default-")
         source = write_default_dataset(folder)["train"]
@@ -418,8 +425,8 @@ def measure_peak(args: argparse.Namespace, work: Path, round_index: int) -> dict
 
 def prepare(args: argparse.Namespace, work: Path) -> dict:
     """Tokenise the data sets once (project tokenizer) and pick the pairs every configuration trains on."""
+    from model_utils import load_tokenizer, padded_vocab_size
     from model_utils.default_model import default_model_path
-    from model_utils.model_factory import load_tokenizer, padded_vocab_size
 
     model_path = default_model_path()
     tokenizer = load_tokenizer(model_path)

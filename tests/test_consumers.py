@@ -41,12 +41,9 @@ from tiny_models import ARCHITECTURES, make_tokenizer, tiny_config, tokenizer_di
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
-from model_utils.checkpoint import (
-    PYTORCH_FILE,
-    save_reward_model,
-    sequence_classification_class,
-    write_reward_model,
-)
+from model_utils.checkpoint import save_reward_model, write_reward_model
+from model_utils.checkpoint.layouts import sequence_classification_class
+from model_utils.checkpoint.names import PYTORCH_FILE
 from model_utils.reward_model import RewardModel
 
 CONSUMERS = Path(__file__).parent / "consumers"

@@ -24,9 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny_models import make_tokenizer, save_tiny_backbone, tokenizer_dir
 
-from model_utils import convert
+from model_utils import convert, create_critic_model, create_hf_model, load_tokenizer
 from model_utils.checkpoint import CheckpointError, save_reward_model
-from model_utils.model_factory import create_critic_model, create_hf_model, load_tokenizer
 from training import evaluate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

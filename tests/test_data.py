@@ -1,4 +1,4 @@
-"""Preference data: formats, file types, validation, splits, tokenisation and collation (`training/data.py`)."""
+"""Preference data: formats, file types, validation, splits, tokenisation and collation (`training/data/`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-import training.data as data_module
 from training.data import (
     DataError,
     PairCollator,
@@ -343,7 +342,7 @@ def test_eval_never_overlaps_train_and_loading_is_deterministic(tmp_path, tokeni
     train_texts = [decode(pair) for data in phases for pair in data.train]
     assert len(eval_texts) == 6 and all(data.eval == phases[0].eval for data in phases)
     assert len(train_texts) == len(set(train_texts)) == 54 and not eval_texts & set(train_texts)
-    assert load_preference_data([path], tokenizer, 64).train == phases[1].train
+    assert load_preference_data([path], tokenizer, 64, data_split="2,4,4").train == phases[1].train
     assert load_preference_data([path], tokenizer, 64, seed=7).train != phases[1].train
 
 
@@ -530,7 +529,9 @@ def test_collator_rejects_bad_settings():
 
 
 def test_docstring_examples():
-    assert doctest.testmod(data_module).failed == 0
+    for name in ("records", "sources", "formats", "splits", "tokenize", "load", "collate"):
+        module = importlib.import_module(f"training.data.{name}")
+        assert doctest.testmod(module).failed == 0, name
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from model_utils import default_model
-from training.default_data import (
+from training.data.default_data import (
     CITIES,
     COLOURS,
     DEFAULT_TASKS,
@@ -305,7 +305,15 @@ def test_the_baselines_do_detect_a_response_side_shortcut(dataset):
 
 def test_command_line_writes_both_splits(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "training.default_data", "--output_dir", str(tmp_path), "--num_train", "20"]
+        [
+            sys.executable,
+            "-m",
+            "training.data.default_data",
+            "--output_dir",
+            str(tmp_path),
+            "--num_train",
+            "20",
+        ]
         + ["--num_test", "10", "--seed", "5"],
         capture_output=True,
         text=True,
@@ -366,7 +374,7 @@ def test_default_model_converts_once_and_loads_as_a_reward_model(tmp_path):
     """Two processes convert into an empty cache at once; the folder loads as a critic and as a causal LM."""
     from transformers import AutoModelForCausalLM
 
-    from model_utils.model_factory import create_critic_model, load_tokenizer
+    from model_utils import create_critic_model, load_tokenizer
 
     environment = {**os.environ, default_model.CACHE_ENV: str(tmp_path)}
     command = [sys.executable, "-m", "model_utils.default_model"]

@@ -7,10 +7,11 @@ import pytest
 import torch
 from tiny_models import save_tiny_backbone, tokenizer_dir
 
+from model_utils import create_critic_model, load_tokenizer
 from model_utils.checkpoint import save_reward_model
-from model_utils.model_factory import create_critic_model, load_tokenizer
 from training.data import PairCollator, read_preference_rows, tokenize_rows
-from training.evaluate import main, reward_statistics
+from training.evaluate import main
+from training.metrics import reward_statistics
 
 PAIRS = [
     ("the cat has", " a red hat", " a blue box"),

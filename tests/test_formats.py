@@ -16,16 +16,12 @@ from test_model import TEXTS, pad_batch
 from tiny_models import ARCHITECTURES, save_tiny_backbone, tokenizer_dir
 from transformers import AutoModelForSequenceClassification
 
-from model_utils.checkpoint import (
-    PYTORCH_FILE,
-    SAFETENSORS_FILE,
-    CheckpointError,
-    read_state_dict,
-    save_reward_model,
-)
+from model_utils import create_critic_model, load_tokenizer
+from model_utils.checkpoint import CheckpointError, read_state_dict, save_reward_model
+from model_utils.checkpoint.names import PYTORCH_FILE, SAFETENSORS_FILE
 from model_utils.convert import main as convert_main
-from model_utils.model_factory import create_critic_model, load_tokenizer
-from model_utils.reward_model import RewardModel, position_ids_from_mask
+from model_utils.hf_reward_model import position_ids_from_mask
+from model_utils.reward_model import RewardModel
 
 FORMATS = ("hf", "auto_map", "dschat")
 ABSOLUTE_POSITION_ARCHITECTURES = {"gpt2"}

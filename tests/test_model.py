@@ -8,15 +8,12 @@ import torch
 from safetensors.torch import save_file
 from tiny_models import ARCHITECTURES, save_tiny_backbone, tokenizer_dir
 
+from model_utils import create_critic_model, load_tokenizer, padded_vocab_size
 from model_utils.checkpoint import CheckpointError, read_state_dict
-from model_utils.model_factory import (
-    DEFAULT_PAD_TOKEN,
-    configure_dropout,
-    create_critic_model,
-    load_tokenizer,
-    padded_vocab_size,
-)
-from model_utils.reward_model import RewardModel, last_token_index, position_ids_from_mask
+from model_utils.hf_reward_model import last_token_index, position_ids_from_mask
+from model_utils.model_factory import configure_dropout
+from model_utils.reward_model import RewardModel
+from model_utils.tokenizer import DEFAULT_PAD_TOKEN
 
 TEXTS = [
     "the cat has a red hat </s>",

@@ -12,18 +12,14 @@ from launch_utils import SCRIPTS, read_rank_results, torchrun
 from tiny_models import ARCHITECTURES, save_tiny_backbone, tiny_config, tokenizer_dir
 from transformers import AttentionInterface, AutoModel, GPT2Config
 
-from model_utils.reward_model import RewardModel
-from training import packing
-from training.data import PairCollator
+from model_utils import RewardModel, packed_attention
+from model_utils.packed_attention import supports_packing, use_segment_attention
+from training.arguments import TrainConfig
+from training.data.collate import PackedPairCollator, PairCollator, pack_lengths
+from training.errors import ConfigError
+from training.layout import MASK, SEGMENTS, BatchLayout, batch_rewards, choose_layout
 from training.losses import pairwise_loss
-from training.packing import (
-    PackedPairCollator,
-    length_grouped_order,
-    pack_lengths,
-    packed_rewards,
-    supports_packing,
-    tokens_computed,
-)
+from training.sampling import length_grouped_order
 
 PAD = 0
 TOLERANCE = 1e-5
@@ -91,7 +87,22 @@ def segment_blocks(block_tokens: int | None):
     """Segment attention with blocks of `block_tokens` (None: the default) inside the `with`."""
     if block_tokens is None:
         return contextlib.nullcontext()
-    return mock.patch.object(packing, "SEGMENT_BLOCK_TOKENS", block_tokens)
+    return mock.patch.object(packed_attention, "SEGMENT_BLOCK_TOKENS", block_tokens)
+
+
+def tokens_computed(batch: dict[str, torch.Tensor]) -> int:
+    """Token positions the backbone computes for a batch (padding included): `R * L` or `2B * T`."""
+    return batch["input_ids"].numel()
+
+
+def packed_rewards(model: RewardModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trainer's forward for a packed batch, with the layout its collator made (switching to segment
+    attention first, as `choose_layout` does when the model is built)."""
+    segments = "segments" in batch
+    if segments:
+        use_segment_attention(model)
+    layout = BatchLayout(packing=True, share_prompt=True, attention=SEGMENTS if segments else MASK)
+    return batch_rewards(model, batch, layout)
 
 
 def packed(
@@ -116,8 +127,8 @@ def test_packed_rewards_and_gradients_equal_plain(architecture):
     supported, reason = supports_packing(model.config)
     if not supported:
         assert architecture == "bloom" and "ALiBi" in reason
-        with pytest.raises(ValueError, match="bloom"):
-            packed(model, pairs, 14, True)
+        with pytest.raises(ConfigError, match="bloom"):
+            choose_layout(TrainConfig(packing="on"), model)
         return
     expected_chosen, expected_rejected, expected_gradients = rewards_and_gradients(
         model, lambda: plain(model, pairs)
@@ -167,12 +178,13 @@ def test_segment_attention_is_one_unpadded_row_and_attends_per_sequence(monkeypa
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("rewardspeed_segments"))
-        return packing.segment_attention_forward(*args, **kwargs)
+        return packed_attention.segment_attention_forward(*args, **kwargs)
 
-    monkeypatch.setitem(AttentionInterface._global_mapping, packing.SEGMENT_ATTENTION, counting)
+    use_segment_attention(model)
+    monkeypatch.setitem(AttentionInterface._global_mapping, packed_attention.SEGMENT_ATTENTION, counting)
     with torch.no_grad():
         chosen, rejected = packed_rewards(model, batch)
-        assert model.config._attn_implementation == packing.SEGMENT_ATTENTION
+        assert model.config._attn_implementation == packed_attention.SEGMENT_ATTENTION
         assert len(calls) == model.config.num_hidden_layers and all(calls)
         calls.clear()
         plain_again = plain(model, pairs)
@@ -189,7 +201,7 @@ def test_segment_attention_is_one_unpadded_row_and_attends_per_sequence(monkeypa
 def test_segment_plan_blocks_short_sequences_and_keeps_long_ones_alone():
     # (start, prefix, first, second): a shared pair of 9 tokens, two sequences of 3 and 4, a long shared pair.
     segments = [(0, 4, 2, 3), (9, 3, 0, 0), (12, 4, 0, 0), (16, 10, 5, 6)]
-    plan = packing.plan_segments(segments, torch.device("cpu"), block_tokens=16)
+    plan = packed_attention.plan_segments(segments, torch.device("cpu"), block_tokens=16)
     assert plan.sizes == [16, 15, 6]  # block of the first three; the long pair as prompt+chosen, rejected
     assert [step[0] for step in plan.steps] == ["block", "causal", "branch"]
     block = plan.steps[0][1]
@@ -197,7 +209,7 @@ def test_segment_plan_blocks_short_sequences_and_keeps_long_ones_alone():
     assert not block[6:9, 4:6].any() and block[6:9, :4].all()  # rejected: the prompt yes, the chosen no
     _, head, prefix, branch = plan.steps[2]
     assert (head, prefix) == (1, 10) and torch.equal(branch, torch.ones(6, 16, dtype=torch.bool).tril(10))
-    alone = packing.plan_segments(segments, torch.device("cpu"), block_tokens=0)
+    alone = packed_attention.plan_segments(segments, torch.device("cpu"), block_tokens=0)
     assert [step[0] for step in alone.steps] == ["causal", "branch", "causal", "causal", "causal", "branch"]
 
 

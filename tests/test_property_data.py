@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from tiny_models import make_tokenizer, save_tiny_backbone, tokenizer_dir
 
+from model_utils import create_critic_model, load_tokenizer
 from model_utils.checkpoint import save_reward_model
-from model_utils.model_factory import create_critic_model, load_tokenizer
 from training import evaluate
 from training.data import DataError, load_preference_data, read_preference_rows, tokenize_pair
 

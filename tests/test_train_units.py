@@ -9,9 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from training.arguments import ConfigError, TrainConfig, parse_args
+from training.checkpointing import TrainState
 from training.ds_config import CONFIG_DIR, build_ds_config, inference_config, resolve_dtype
+from training.errors import TrainingError
 from training.losses import center_rewards_loss, divergence_span_loss, pairwise_loss
-from training.trainer import TrainingError, TrainState, epoch_batches, total_steps, train
+from training.sampling import epoch_batches, total_steps
+from training.trainer import train
 
 # --- config --------------------------------------------------------------------------------------------------
 
@@ -264,7 +267,7 @@ def test_resume_refuses_a_checkpoint_with_another_data_order():
         data_order=f"pairs=40 seed={config.seed} micro_batch=4 accumulation=1 ranks=1 group_by_length=False",
     )
     with pytest.raises(TrainingError, match="cannot resume.*group_by_length=False.*group_by_length=True"):
-        train(None, pairs, [], None, config, saved, None)  # refused before anything runs
+        train(None, pairs, [], None, None, config, saved, None, 10)  # refused before anything runs
 
 
 def test_total_steps_respects_epochs_and_max_steps():

@@ -20,8 +20,8 @@ init_distributed()
 
 import deepspeed  # noqa: E402
 
+from model_utils import create_critic_model, load_tokenizer  # noqa: E402
 from model_utils.checkpoint import SAVE_FORMATS, gathered_state_dict, save_reward_model  # noqa: E402
-from model_utils.model_factory import create_critic_model, load_tokenizer  # noqa: E402
 
 CLIP_RANGE_VALUE = 0.2
 

@@ -20,8 +20,8 @@ init_distributed()
 import deepspeed  # noqa: E402
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled  # noqa: E402
 
+from model_utils import create_critic_model, load_tokenizer  # noqa: E402
 from model_utils.checkpoint import CheckpointError, gathered_state_dict  # noqa: E402
-from model_utils.model_factory import create_critic_model, load_tokenizer  # noqa: E402
 
 
 def ds_config(stage: int, dtype: str) -> dict:

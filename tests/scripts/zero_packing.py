@@ -3,9 +3,9 @@
     torchrun --nproc_per_node 2 tests/scripts/zero_packing.py --model_dir D --tokenizer_dir T --stage 3 --out O
 
 Two engines start from the same weights (ZeRO stage N, gradient accumulation A): "plain" trains on
-`PairCollator` batches, "packed_forward" on packed + prompt-shared `PackedPairCollator` batches through
-`packed_rewards(engine, ...)` (one `engine(...)` call with `reward_index`), "segments" on prompt-shared
-batches in one row with segment attention. Each rank writes `O/rank{r}.json` with every run's losses per
+`PairCollator` batches, "packed_forward" on packed + prompt-shared rows with a 4D mask through
+`batch_rewards(engine, ...)` (one `engine(...)` call with `reward_index`), "segments" on prompt-shared
+batches in one row with segment attention (short sequences in blocks), "segments_alone" one SDPA per sequence. Each rank writes `O/rank{r}.json` with every run's losses per
 micro-step.
 """
 
@@ -21,11 +21,10 @@ init_distributed()
 
 import deepspeed  # noqa: E402
 
-from model_utils.model_factory import create_critic_model, load_tokenizer  # noqa: E402
-from training import packing  # noqa: E402
-from training.data import PairCollator  # noqa: E402
+from model_utils import create_critic_model, load_tokenizer, packed_attention  # noqa: E402
+from model_utils.packed_attention import use_segment_attention  # noqa: E402
+from training.layout import MASK, PADDED, SEGMENTS, BatchLayout, batch_rewards  # noqa: E402
 from training.losses import pairwise_loss  # noqa: E402
-from training.packing import PackedPairCollator, packed_rewards  # noqa: E402
 
 MICRO_BATCH = 3
 
@@ -63,23 +62,20 @@ def pairs_for(micro_step: int, world_rank: int, vocab: int) -> list[dict]:
     ]
 
 
-def train(engine, collate, rewards_of, micro_steps: int, vocab: int) -> list[float]:
+def train(engine, layout: BatchLayout, micro_steps: int, vocab: int) -> list[float]:
+    collate = layout.collator(pad_token_id=0)
     losses = []
     for micro_step in range(micro_steps):
         batch = {
             key: value.to(engine.device)
             for key, value in collate(pairs_for(micro_step, rank(), vocab)).items()
         }
-        chosen_rewards, rejected_rewards = rewards_of(engine, batch)
-        loss = pairwise_loss(chosen_rewards.float(), rejected_rewards.float())
+        chosen_rewards, rejected_rewards = batch_rewards(engine, batch, layout)
+        loss = pairwise_loss(chosen_rewards, rejected_rewards)
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
     return losses
-
-
-def plain_rewards(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return engine(batch["input_ids"], batch["attention_mask"]).chunk(2)
 
 
 def main() -> None:
@@ -96,27 +92,25 @@ def main() -> None:
     tokenizer = load_tokenizer(args.tokenizer_dir)
     vocab = len(tokenizer)
     results = {}
-    plain_collator = PairCollator(pad_token_id=0)
-    packed_collator = PackedPairCollator(pad_token_id=0, max_tokens_per_row=16, share_prompt=True)
-    segment_collator = PackedPairCollator(
-        pad_token_id=0, max_tokens_per_row=None, share_prompt=True, segment_attention=True
-    )
+    segments = BatchLayout(packing=True, share_prompt=True, attention=SEGMENTS)
     runs = {
-        "plain": (plain_collator, plain_rewards),
-        "packed_forward": (packed_collator, packed_rewards),
-        "segments": (segment_collator, packed_rewards),  # short sequences: attended in blocks
-        "segments_alone": (segment_collator, packed_rewards),  # one SDPA per sequence
+        "plain": BatchLayout(attention=PADDED),
+        "packed_forward": BatchLayout(packing=True, share_prompt=True, attention=MASK, max_tokens_per_row=16),
+        "segments": segments,  # short sequences: attended in blocks
+        "segments_alone": segments,  # one SDPA per sequence
     }
-    default_block_tokens = packing.SEGMENT_BLOCK_TOKENS
-    for name, (collate, rewards_of) in runs.items():
-        packing.SEGMENT_BLOCK_TOKENS = 0 if name == "segments_alone" else default_block_tokens
+    default_block_tokens = packed_attention.SEGMENT_BLOCK_TOKENS
+    for name, layout in runs.items():
+        packed_attention.SEGMENT_BLOCK_TOKENS = 0 if name == "segments_alone" else default_block_tokens
         config = ds_config(args.stage, args.accumulation)
         reward_model = create_critic_model(args.model_dir, tokenizer, config, dropout=0.0)
         torch.manual_seed(1)  # the head is created outside zero.Init: the same on every rank and run
         torch.nn.init.normal_(reward_model.v_head.weight, std=0.5)
+        if layout.attention == SEGMENTS:
+            use_segment_attention(reward_model)
         optimizer = torch.optim.AdamW(reward_model.parameters(), lr=1e-3, weight_decay=0.0)
         engine, *_ = deepspeed.initialize(model=reward_model, optimizer=optimizer, config=config)
-        results[name] = train(engine, collate, rewards_of, args.micro_steps, vocab)
+        results[name] = train(engine, layout, args.micro_steps, vocab)
         engine.destroy()
 
     with open(os.path.join(args.out, f"rank{rank()}.json"), "w", encoding="utf-8") as file:
