@@ -47,8 +47,10 @@ class TrainConfig:
     data_path: list[str] = field(
         default_factory=lambda: [DEFAULT_DATA],
         metadata=_help(
-            "Preference sources (files, folders, hub names), blended. 'default' is the project's generated "
-            "set. A trailing [start:stop] selects rows, e.g. test.jsonl.gz[:2012]."
+            "Preference sources (files, folders, save_to_disk folders, hub names), blended. 'default' is the "
+            "project's generated set. SOURCE:SUBSET:SPLIT (or SOURCE:SPLIT) chooses a subset and split; a source "
+            "with several and none chosen is refused with the list. A trailing [start:stop] selects rows, e.g. "
+            "test.jsonl.gz[:2012]."
         ),
     )
     data_split: str = field(
@@ -59,7 +61,11 @@ class TrainConfig:
         ),
     )
     eval_data_path: list[str] = field(
-        default_factory=list, metadata=_help("Evaluation sources (default: each source's own eval split).")
+        default_factory=list,
+        metadata=_help(
+            "Evaluation sources, e.g. DIR:test_prefs (default: the eval split paired with each source's "
+            "training split, e.g. test_prefs for train_prefs)."
+        ),
     )
     eval_fraction: float = field(
         default=0.1, metadata=_help("Held-out fraction for sources without an eval split (never trained on).")

@@ -163,11 +163,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate / score / plot as asked; returns the final JSON record."""
     from model_utils.model_factory import load_reward_model
     from training.data.records import DataError
+    from training.data.sources import looks_local, parse_source
     from training.data.tokenize import tokenize_rows
     from training.metrics import reward_statistics
 
-    for path in args.data_path:
-        if os.path.sep in path and not os.path.exists(path.split("[")[0]):
+    for path in args.data_path:  # before the model loads: a mistyped path fails fast
+        location = parse_source(path).location
+        if looks_local(location) and not os.path.exists(location):
             raise FileNotFoundError(f"{path}: no such data file or folder")
     metrics = read_metrics(args.training_output) if args.training_output else None
     if not args.data_path and not args.score:
