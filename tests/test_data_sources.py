@@ -21,6 +21,7 @@ from training.data import (
     finish_sequence,
     load_preference_data,
     read_preference_rows,
+    tokenize_response,
     tokenize_rows,
 )
 from training.data.dataset_splits import choose_splits, discover_splits, split_role
@@ -430,3 +431,10 @@ def test_hub_names_choose_like_a_download_and_fetch_only_the_chosen_files(tmp_pa
         DataError, match=r"org/absent: not a local file or folder, and listing it .*404 Repository"
     ):
         read_preference_rows("org/absent")
+
+
+def test_scoring_a_prompt_with_other_whitespace_uses_the_conversations_turn(tokenizer):
+    conversation = [user("Question 0?"), assistant("good 0")]
+    expected = tokenize_response(tokenizer, conversation[:1], conversation[1:], 64)
+    assert tokenize_response(tokenizer, "Question 0?\n", conversation, 64) == expected
+    assert tokenizer.decode(expected).count("Question 0?") == 1

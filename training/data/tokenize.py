@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from training.data.formats import as_messages, content_field, margin_field, response_messages
+from training.data.formats import as_messages, content_field, margin_field, response_messages, split_prompt
 from training.data.records import Content, DataError, PreferenceRow, RowError
 
 
@@ -166,6 +166,8 @@ def tokenize_response(
     fields = {"prompt": prompt, "response": response}
     try:
         prompt, response = (content_field(fields, name) for name in ("prompt", "response"))
+        # As for a training row: a response repeating the prompt's turns (up to whitespace) keeps its own.
+        prompt, response, _ = split_prompt(prompt, response, response, {"rejected": "response"})
     except RowError as error:
         raise DataError(f"tokenize_response: {error}") from None
     (text,) = _render_row(tokenizer, "tokenize_response", prompt, [response])
