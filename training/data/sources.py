@@ -12,10 +12,10 @@ One selector names a subset or a split, whichever the source has by that name. A
 written (a colon or brackets in a file name) is never split. Files: `.jsonl`, `.json` (a list of objects, one
 object, or JSON lines), `.parquet`, any of them gzipped (`.jsonl.gz`).
 
-Which files are which subset and split (`dataset_splits.py`: the same rules for a local folder and a hub
-dataset's files); choosing among them (`dataset_splits.choose_splits`): several subsets or several training splits and none
-chosen is an error listing them, never a blend. A hub dataset is listed, then only the chosen files are
-downloaded (`huggingface_hub`).
+Which files are which subset and split, and which ones a source uses, is `dataset_splits.py` (the same rules for
+a local folder and a hub dataset's files): several subsets or several training splits and none chosen is an
+error listing them, never a blend. A hub dataset is listed, then only the chosen files are downloaded
+(`huggingface_hub`).
 
 Each record keeps its origin (`<file> line <n>`, or `row <i>` for `.json` lists, `.parquet` files and
 `save_to_disk` splits), so every later error can name it.
