@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks.bench_rm import load_pairs
     from model_utils import create_critic_model, load_tokenizer, packed_attention
     from model_utils.default_model import default_model_path
-    from training.data.collate import PackedPairCollator
+    from training.data.collate import PackedCollator
     from training.layout import MASK, SEGMENTS, BatchLayout, batch_rewards
     from training.losses import pairwise_loss
 
@@ -61,10 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
 
     packed_attention.use_segment_attention(model)
-    layouts = {"mask": (PackedPairCollator(tokenizer.pad_token_id, 2 * args.max_seq_len, True), None)}
-    segment_collator = PackedPairCollator(
-        tokenizer.pad_token_id, None, share_prompt=True, segment_attention=True
-    )
+    layouts = {"mask": (PackedCollator(tokenizer.pad_token_id, 2 * args.max_seq_len, True), None)}
+    segment_collator = PackedCollator(tokenizer.pad_token_id, None, share_prompt=True, segment_attention=True)
     for block in (int(b) for b in args.blocks.split(",")):
         layouts[f"segments-{block}"] = (segment_collator, block)
     layout_times = {name: [] for name in layouts}
@@ -79,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                 packing=True, share_prompt=True, attention=MASK if name == "mask" else SEGMENTS
             )
             with mock.patch.object(packed_attention, "SEGMENT_BLOCK_TOKENS", block or 0):
-                chosen, rejected = batch_rewards(model, batch, layout)
+                chosen, rejected = batch_rewards(model, batch, layout).chunk(2)
             pairwise_loss(chosen.float(), rejected.float()).backward()
             model.zero_grad(set_to_none=True)
             if step:

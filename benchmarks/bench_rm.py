@@ -11,7 +11,7 @@ untimed and `--steps` timed optimizer steps of `--pairs_per_step` pairs (forward
 compare runs that saw the same background load; the report gives medians of those ratios.
 
 Configurations, per precision (fp32, bf16) and data set:
-    plain / pack / share / pack+share  this project: `PairCollator`, or `PackedPairCollator` with packing
+    plain / pack / share / pack+share  this project: `PaddedCollator`, or `PackedCollator` with packing
                                        and/or prompt sharing, rewards from one forward (`batch_rewards`)
     dschat                             DeepSpeed-Chat step 2: every sequence padded to `--max_seq_len`,
                                        chosen + rejected in one forward, per-token values, divergence-span loss
@@ -89,10 +89,10 @@ def mode_layout(mode: str):
 
 def make_collator(mode: str, pad_token_id: int, max_seq_len: int):
     """The collator a mode trains with; DeepSpeed-Chat pads every sequence to max_seq_len."""
-    from training.data.collate import PairCollator
+    from training.data.collate import PaddedCollator
 
     if mode == "dschat":
-        return PairCollator(pad_token_id, pad_to_multiple_of=max_seq_len)
+        return PaddedCollator(pad_token_id, pad_to_multiple_of=max_seq_len)
     return mode_layout(mode).collator(pad_token_id)
 
 
@@ -110,7 +110,7 @@ def step_loss(reward_model, batch: dict, mode: str):
         return divergence_span_loss(
             chosen_values, rejected_values, chosen_ids, rejected_ids, chosen_mask, rejected_mask
         )
-    return pairwise_loss(*batch_rewards(reward_model, batch, mode_layout(mode)))
+    return pairwise_loss(*batch_rewards(reward_model, batch, mode_layout(mode)).chunk(2))
 
 
 def run_project_worker(job: dict) -> dict:

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from training.data import (
     DataError,
-    PairCollator,
+    PaddedCollator,
     load_preference_data,
     parse_column_map,
     read_preference_rows,
@@ -491,8 +491,8 @@ def test_collator_right_and_left_padding():
         {"prompt_ids": [1, 5], "chosen_ids": [6, 2], "rejected_ids": [7, 8, 9, 2], "margin": 1.5},
         {"prompt_ids": [1], "chosen_ids": [3, 2], "rejected_ids": [4, 2], "margin": None},
     ]
-    right = PairCollator(pad_token_id=0)(pairs)
-    left = PairCollator(pad_token_id=0, padding_side="left", pad_to_multiple_of=8)(pairs)
+    right = PaddedCollator(pad_token_id=0)(pairs)
+    left = PaddedCollator(pad_token_id=0, padding_side="left", pad_to_multiple_of=8)(pairs)
     assert right["input_ids"].shape == (4, 6) and left["input_ids"].shape == (4, 8)
     assert right["input_ids"][0].tolist() == [1, 5, 6, 2, 0, 0]  # chosen rows first
     assert right["input_ids"][2].tolist() == [1, 5, 7, 8, 9, 2]  # then rejected rows
@@ -505,14 +505,14 @@ def test_collator_right_and_left_padding():
         assert real_tokens == [[1, 5, 6, 2], [1, 3, 2], [1, 5, 7, 8, 9, 2], [1, 4, 2]]
         assert batch["margin"].tolist() == [1.5, 0.0] and batch["margin"].dtype == torch.float32
         assert batch["input_ids"].dtype == torch.long
-    assert "margin" not in PairCollator(pad_token_id=0)([{**pairs[1]}])
+    assert "margin" not in PaddedCollator(pad_token_id=0)([{**pairs[1]}])
 
 
 def test_collator_rejects_bad_settings():
     with pytest.raises(ValueError, match="padding_side"):
-        PairCollator(pad_token_id=0, padding_side="middle")
+        PaddedCollator(pad_token_id=0, padding_side="middle")
     with pytest.raises(ValueError, match="pad_token_id"):
-        PairCollator(pad_token_id=None)
+        PaddedCollator(pad_token_id=None)
 
 
 def test_docstring_examples():

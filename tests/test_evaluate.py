@@ -9,7 +9,7 @@ from tiny_models import save_tiny_backbone, tokenizer_dir
 
 from model_utils import create_critic_model, load_tokenizer
 from model_utils.checkpoint import save_reward_model
-from training.data import PairCollator, read_preference_rows, tokenize_rows
+from training.data import PaddedCollator, read_preference_rows, tokenize_rows
 from training.evaluate import main
 from training.metrics import reward_statistics
 
@@ -73,7 +73,7 @@ def test_reward_statistics_rejects_mismatched_or_empty():
 
 def expected_statistics(reward_model, tokenizer, data_path: str) -> dict:
     pairs, _ = tokenize_rows(tokenizer, read_preference_rows(data_path).rows, 512)
-    batch = PairCollator(tokenizer.pad_token_id)(pairs)
+    batch = PaddedCollator(tokenizer.pad_token_id)(pairs)
     with torch.no_grad():
         rewards = reward_model(batch["input_ids"], batch["attention_mask"])
     return reward_statistics(*rewards.chunk(2))

@@ -15,7 +15,7 @@ from transformers import AttentionInterface, AutoModel, GPT2Config
 from model_utils import RewardModel, packed_attention
 from model_utils.packed_attention import supports_packing, use_segment_attention
 from training.arguments import TrainConfig
-from training.data.collate import PackedPairCollator, PairCollator, pack_lengths
+from training.data.collate import PackedCollator, PaddedCollator, pack_lengths
 from training.errors import ConfigError
 from training.layout import MASK, SEGMENTS, BatchLayout, batch_rewards, choose_layout
 from training.losses import pairwise_loss
@@ -78,7 +78,7 @@ def rewards_and_gradients(
 
 
 def plain(model: RewardModel, pairs: list[dict]):
-    batch = PairCollator(pad_token_id=PAD)(pairs)
+    batch = PaddedCollator(pad_token_id=PAD)(pairs)
     chosen_rewards, rejected_rewards = model(batch["input_ids"], batch["attention_mask"]).chunk(2)
     return chosen_rewards, rejected_rewards, batch.get("margin")
 
@@ -102,7 +102,7 @@ def packed_rewards(model: RewardModel, batch: dict[str, torch.Tensor]) -> tuple[
     if segments:
         use_segment_attention(model)
     layout = BatchLayout(packing=True, share_prompt=True, attention=SEGMENTS if segments else MASK)
-    return batch_rewards(model, batch, layout)
+    return batch_rewards(model, batch, layout).chunk(2)
 
 
 def packed(
@@ -113,9 +113,7 @@ def packed(
     segment_attention: bool = False,
     block_tokens: int | None = None,
 ):
-    batch = PackedPairCollator(PAD, max_tokens_per_row, share_prompt, segment_attention=segment_attention)(
-        pairs
-    )
+    batch = PackedCollator(PAD, max_tokens_per_row, share_prompt, segment_attention=segment_attention)(pairs)
     with segment_blocks(block_tokens):
         return (*packed_rewards(model, batch), batch.get("margin"))
 
@@ -163,7 +161,7 @@ def test_eager_attention_takes_the_additive_mask(architecture):
 def test_segment_attention_is_one_unpadded_row_and_attends_per_sequence(monkeypatch):
     pairs = make_pairs()
     lengths = lengths_of(pairs)
-    batch = PackedPairCollator(PAD, 14, share_prompt=True, segment_attention=True)(pairs)
+    batch = PackedCollator(PAD, 14, share_prompt=True, segment_attention=True)(pairs)
     assert batch["input_ids"].shape == (1, sum(p + c + r for p, c, r in lengths))
     assert "attention_mask" not in batch and (batch["input_ids"] != PAD).all()
     starts = [0, *torch.tensor([p + c + r for p, c, r in lengths]).cumsum(0)[:-1].tolist()]
@@ -219,7 +217,7 @@ def lengths_of(pairs: list[dict]) -> list[tuple[int, int, int]]:
 
 def test_rows_respect_the_budget_and_hold_every_token_once():
     pairs = make_pairs()
-    batch = PackedPairCollator(PAD, max_tokens_per_row=14, share_prompt=False)(pairs)
+    batch = PackedCollator(PAD, max_tokens_per_row=14, share_prompt=False)(pairs)
     real = batch["input_ids"] != PAD  # the pairs' token ids are never PAD
     assert batch["input_ids"].shape[0] >= 3
     assert int(real.sum()) == sum(2 * p + c + r for p, c, r in lengths_of(pairs))
@@ -229,19 +227,20 @@ def test_rows_respect_the_budget_and_hold_every_token_once():
     assert (mask.diagonal(dim1=-2, dim2=-1)).all() and (mask.sum(-1)[~real] == 1).all()
     # The token at each pair's chosen end is the chosen EOS, at its position P + C - 1.
     flat_ids, flat_positions = batch["input_ids"].flatten(), batch["position_ids"].flatten()
-    assert (flat_ids[batch["chosen_index"]] == 1).all() and (flat_ids[batch["rejected_index"]] == 1).all()
-    assert flat_positions[batch["chosen_index"]].tolist() == [p + c - 1 for p, c, _ in lengths_of(pairs)]
-    assert flat_positions[batch["rejected_index"]].tolist() == [p + r - 1 for p, _, r in lengths_of(pairs)]
+    chosen_index, rejected_index = batch["reward_index"].chunk(2)  # all chosen ends, then all rejected ones
+    assert (flat_ids[chosen_index] == 1).all() and (flat_ids[rejected_index] == 1).all()
+    assert flat_positions[chosen_index].tolist() == [p + c - 1 for p, c, _ in lengths_of(pairs)]
+    assert flat_positions[rejected_index].tolist() == [p + r - 1 for p, _, r in lengths_of(pairs)]
     assert batch["margin"].tolist() == [0.0, 0.5, 0.0, 1.5, 0.0, 2.5]
 
 
 def test_sharing_computes_each_prompt_once():
     pairs = make_pairs()
     lengths = lengths_of(pairs)
-    plain_batch = PairCollator(PAD)(pairs)
-    shared_batch = PackedPairCollator(PAD, None, share_prompt=True)(pairs)
-    packed_batch = PackedPairCollator(PAD, 14, share_prompt=False)(pairs)
-    both_batch = PackedPairCollator(PAD, 29, share_prompt=True)(pairs)
+    plain_batch = PaddedCollator(PAD)(pairs)
+    shared_batch = PackedCollator(PAD, None, share_prompt=True)(pairs)
+    packed_batch = PackedCollator(PAD, 14, share_prompt=False)(pairs)
+    both_batch = PackedCollator(PAD, 29, share_prompt=True)(pairs)
     real_plain = int(plain_batch["attention_mask"].sum())
     real_shared = int((shared_batch["input_ids"] != PAD).sum())
     assert real_plain - real_shared == sum(p for p, _, _ in lengths)
@@ -324,10 +323,10 @@ def test_segment_attention_on_cuda_equals_the_padded_batch(dtype):
     pairs = make_pairs(seed=3)
     tolerance = TOLERANCE if dtype == torch.float32 else 3e-2
     with torch.no_grad():
-        plain_batch = {key: value.cuda() for key, value in PairCollator(pad_token_id=PAD)(pairs).items()}
+        plain_batch = {key: value.cuda() for key, value in PaddedCollator(pad_token_id=PAD)(pairs).items()}
         expected = model(plain_batch["input_ids"], plain_batch["attention_mask"]).float()
         for block_tokens in (0, 12):
-            batch = PackedPairCollator(PAD, None, share_prompt=True, segment_attention=True)(pairs)
+            batch = PackedCollator(PAD, None, share_prompt=True, segment_attention=True)(pairs)
             batch = {key: value.cuda() for key, value in batch.items()}
             with segment_blocks(block_tokens):
                 chosen, rejected = packed_rewards(model, batch)

@@ -148,3 +148,31 @@ def write_tiny_pairs(path: str, num_pairs: int, seed: int = 0) -> str:
             }
             file.write(json.dumps(row) + "\n")
     return path
+
+
+def write_tiny_ranked(path: str, num_rows: int, seed: int = 0) -> str:
+    """A learnable K-wise jsonl (`prompt`, `responses`, `scores`) in the tiny vocabulary: 3-5 responses per
+    prompt, scored 3 (right colour, "yes"), 2 (right colour), 1 ("yes" only), 0 (neither); some rows tie."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as file:
+        for _ in range(num_rows):
+            animal = rng.choice(ANIMALS)
+            color, other = rng.sample(COLORS, 2)
+            candidates = [
+                (f" {color} yes", 3),
+                (f" {color} no", 2),
+                (f" {other} yes", 1),
+                (f" {other} no", 0),
+            ]
+            candidates += [(f" {other} {color} no", 0)] if rng.random() < 0.5 else []
+            chosen = rng.sample(candidates, rng.randint(3, len(candidates)))
+            row = {
+                "prompt": f"the {animal} has a {color} hat . what color is the hat of the {animal} ?",
+                "responses": [text for text, _ in chosen],
+                "scores": [score for _, score in chosen],
+            }
+            file.write(json.dumps(row) + "\n")
+    return path

@@ -26,7 +26,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "training.data.load": ("load_preference_data",),
         "training.layout": ("BatchLayout", "choose_layout", "batch_rewards"),
         "training.losses": ("pairwise_loss",),
-        "training.metrics": ("reward_statistics",),
+        "training.metrics": ("ranking_statistics", "reward_statistics"),
         "training.trainer": ("train", "run_evaluation"),
     },
 )

@@ -19,6 +19,7 @@ import typing
 from dataclasses import dataclass, field
 
 from model_utils.checkpoint.names import SAVE_FORMATS
+from training.data.listwise import ULTRAFEEDBACK_SCORES
 from training.data.splits import DEFAULT_DATA_SPLIT
 from training.errors import ConfigError
 
@@ -32,6 +33,7 @@ DEFAULT_RUN = (
     "--dropout", "0.0", "--eval_interval", "50", "--output_dir", "output/default_rm",
 )  # fmt: skip
 LOSS_TYPES = ("pairwise", "dschat")
+LISTWISE_LOSSES = ("pairs", "plackett_luce")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 SWITCH = ("auto", "on", "off")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -76,6 +78,23 @@ class TrainConfig:
     )
     skip_invalid_rows: bool = field(
         default=False, metadata=_help("Skip invalid rows (counted) instead of stopping with an error.")
+    )
+    min_score_gap: float = field(
+        default=0.0,
+        metadata=_help(
+            "Rows with several scored responses: two responses are compared only when their scores differ by at "
+            "least this (ties and near-ties give no comparison); rows left without one are skipped and counted."
+        ),
+    )
+    ultrafeedback_score: str = field(
+        default="overall_score",
+        metadata=_help("Which score ranks an UltraFeedback completion.", choices=ULTRAFEEDBACK_SCORES),
+    )
+    score_gap_margin: float = field(
+        default=0.0,
+        metadata=_help(
+            "Rows with scored responses: margin of each comparison = this x its score gap (0: none)."
+        ),
     )
     max_seq_len: int = field(
         default=512, metadata=_help("Longest prompt + response in tokens (prompt cut left).")
@@ -127,6 +146,15 @@ class TrainConfig:
         metadata=_help(
             "pairwise: -logsigmoid(r_c - r_r - margin); dschat: DeepSpeed-Chat's divergence span.",
             choices=LOSS_TYPES,
+        ),
+    )
+    listwise_loss: str = field(
+        default="pairs",
+        metadata=_help(
+            "Loss over a prompt's responses. pairs: Bradley-Terry over every comparison of the prompt, the prompt "
+            "weighted as one batch element (InstructGPT); plackett_luce: the likelihood of the prompt's ranking "
+            "(ties share a stage). Pairs are the K = 2 case of both.",
+            choices=LISTWISE_LOSSES,
         ),
     )
     packing: str = field(
@@ -233,6 +261,10 @@ class TrainConfig:
             problems.append("--keep_checkpoints must be at least 1")
         if self.deepspeed_config is not None and not os.path.isfile(self.deepspeed_config):
             problems.append(f"--deepspeed_config {self.deepspeed_config}: no such file")
+        if self.min_score_gap < 0 or self.score_gap_margin < 0:
+            problems.append("--min_score_gap and --score_gap_margin must not be negative")
+        if self.loss_type == "dschat" and self.listwise_loss != "pairs":
+            problems.append("--loss_type dschat takes pairs only; it cannot be combined with --listwise_loss")
         if problems:
             raise ConfigError("; ".join(problems))
 

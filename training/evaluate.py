@@ -24,8 +24,10 @@ conversations (JSON; the response is the final assistant turn), or `--score_file
 `{"prompt": ..., "response": ...}` (texts or messages) or `{"messages": [...]}`. Each prints its input with its
 `reward`.
 
-The last line printed is one JSON object: `accuracy` (ties count as wrong), `chosen_mean`, `rejected_mean`,
-`margin_mean`, `reward_mean`, `reward_std`, `num_pairs`. Bad input (a missing file, an invalid row, a folder
+The last line printed is one JSON object: `accuracy` over every comparison (ties count as wrong), `chosen_mean`,
+`rejected_mean`, `margin_mean`, `reward_mean`, `reward_std`, `num_pairs` (comparisons), `num_prompts`,
+`top1_accuracy` and `kendall_tau` (`training/metrics.py::ranking_statistics`; rows with several scored responses
+give every comparison of their prompt). Bad input (a missing file, an invalid row, a folder
 that is not a reward model) prints one line naming it and exits with status 2.
 """
 
@@ -41,45 +43,43 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from training.data.listwise import ULTRAFEEDBACK_SCORES
 
-def evaluation_rows(data_paths: Sequence[str]) -> list:
+
+def evaluation_rows(data_paths: Sequence[str], listwise=None) -> list:
     """Each source's own evaluation split when it has one, else all its rows (see the module docstring)."""
     from training.data.load import read_preference_rows
 
     rows = []
     for path in data_paths:
-        source = read_preference_rows(path)
+        source = read_preference_rows(path, listwise=listwise)
         rows += source.eval_rows if source.eval_rows is not None else source.rows
     return rows
 
 
 @torch.no_grad()
-def pair_rewards(
+def example_rewards(
     reward_model: torch.nn.Module,
-    pairs: Sequence[dict],
+    examples: Sequence[dict],
     pad_token_id: int,
     batch_size: int,
     padding_side: str = "right",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards of tokenised pairs: `(chosen [N], rejected [N])`, in float32 on the CPU.
-
-    Each batch of B pairs goes through the model once as `[2B, T]` (chosen rows first, `PairCollator`).
-    """
-    from training.data.collate import PairCollator
+):
+    """A `metrics.RewardTable` of tokenised examples (pairs or groups): every response scored in one padded
+    row (`PaddedCollator`), float32 on the CPU."""
+    from training.data.collate import PaddedCollator
+    from training.metrics import RewardTable
 
     loader = DataLoader(
-        list(pairs), batch_size=batch_size, collate_fn=PairCollator(pad_token_id, padding_side=padding_side)
+        list(examples),
+        batch_size=batch_size,
+        collate_fn=PaddedCollator(pad_token_id, padding_side=padding_side),
     )
     device = next(reward_model.parameters()).device
-    chosen, rejected = [], []
+    table = RewardTable()
     for batch in loader:
-        rewards = (
-            reward_model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu()
-        )
-        chosen_part, rejected_part = rewards.chunk(2)
-        chosen.append(chosen_part)
-        rejected.append(rejected_part)
-    return torch.cat(chosen), torch.cat(rejected)
+        table.add(reward_model(batch["input_ids"].to(device), batch["attention_mask"].to(device)), batch)
+    return table
 
 
 def conversation_parts(messages: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -217,6 +217,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--per_device_eval_batch_size", type=int, default=8)
     parser.add_argument("--padding_side", choices=["left", "right"], default="right")
     parser.add_argument("--num_padding_at_beginning", type=int, default=0)
+    parser.add_argument(
+        "--min_score_gap", type=float, default=0.0, help="rows with scored responses: as in training"
+    )
+    parser.add_argument(
+        "--ultrafeedback_score",
+        default="overall_score",
+        choices=ULTRAFEEDBACK_SCORES,
+        help="UltraFeedback rows: which score ranks",
+    )
     parser.add_argument("--score", action="store_true", help="print the rewards of the inputs below")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt to score (repeatable)")
     parser.add_argument("--response", action="append", default=[], help="a response to score (repeatable)")
@@ -245,10 +254,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate / score / plot as asked; returns the final JSON record."""
     from model_utils.model_factory import load_reward_model
-    from training.data.records import DataError
+    from training.data.records import DataError, ListwiseOptions
     from training.data.sources import looks_local, parse_source
     from training.data.tokenize import tokenize_rows
-    from training.metrics import reward_statistics
+    from training.metrics import ranking_statistics
 
     for path in args.data_path:  # before the model loads: a mistyped path fails fast
         location = parse_source(path).location
@@ -272,13 +281,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(json.dumps({**item, "reward": score}))
     chosen = rejected = None
     if args.data_path:
-        pairs, _ = tokenize_rows(tokenizer, evaluation_rows(args.data_path), args.max_seq_len)
-        if not pairs:  # e.g. every row a tie
+        listwise = ListwiseOptions(args.min_score_gap, args.ultrafeedback_score)
+        examples, _ = tokenize_rows(tokenizer, evaluation_rows(args.data_path, listwise), args.max_seq_len)
+        if not examples:  # e.g. every row a tie
             raise DataError(f"{', '.join(args.data_path)}: no preference pairs to evaluate")
-        chosen, rejected = pair_rewards(
-            reward_model, pairs, tokenizer.pad_token_id, args.per_device_eval_batch_size, args.padding_side
+        table = example_rewards(
+            reward_model, examples, tokenizer.pad_token_id, args.per_device_eval_batch_size, args.padding_side
         )
-        record.update(reward_statistics(chosen, rejected))
+        record.update(ranking_statistics(table))
+        rewards = torch.tensor(table.rewards)
+        chosen, rejected = rewards[torch.tensor(table.better)], rewards[torch.tensor(table.worse)]
     if args.plot:
         plot_rewards(args.plot, chosen, rejected, metrics)
         record["plot"] = args.plot

@@ -2,14 +2,15 @@
 
     layout = choose_layout(config, reward_model)         # after the model is built; switches its attention
     collator = layout.collator(tokenizer.pad_token_id)
-    chosen_rewards, rejected_rewards = batch_rewards(engine, batch, layout)
+    rewards = batch_rewards(engine, batch, layout)        # [N], in the batch's response order
 
 Layouts (`BatchLayout.attention` says how the backbone is told which token sees which):
-- `padded`: plain `[2B, T]` batches, chosen rows first (`PairCollator`); any backbone, any loss.
+- `padded`: one padded row per response (`PaddedCollator`; pairs: chosen rows first); any backbone, any loss.
 - `segments`: packing on an sdpa backbone: the whole micro-batch in ONE unpadded row, attention per sequence
-  (`model_utils/packed_attention.py`, segment attention); with prompt sharing, one sequence per pair.
+  (`model_utils/packed_attention.py`, segment attention); with prompt sharing, one sequence per prompt holding
+  all its responses (K branches).
 - `mask`: packing or sharing on an eager backbone, or sharing without packing: rows with a block-diagonal 4D
-  mask (`PackedPairCollator` without segments).
+  mask (`PackedCollator` without segments).
 `auto` takes packing and prompt sharing where they give the plain rewards exactly (fp32 1e-5) for the backbone
 and the loss; `on` where they cannot is a `ConfigError` naming the reason.
 """
@@ -30,13 +31,13 @@ from model_utils.packed_attention import (
     use_segment_attention,
 )
 from training.arguments import TrainConfig
-from training.data.collate import PackedPairCollator, PairCollator
+from training.data.collate import PackedCollator, PaddedCollator
 from training.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 PADDED, MASK, SEGMENTS = "padded", "mask", "segments"
-Collator = PairCollator | PackedPairCollator
+Collator = PaddedCollator | PackedCollator
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class BatchLayout:
 
     Attributes:
         packing: sequences laid end to end without padding, positions restarting per sequence.
-        share_prompt: one sequence `prompt + chosen + rejected` per pair.
+        share_prompt: one sequence `prompt + response_1 + ... + response_K` per example.
         attention: `PADDED`, `MASK` or `SEGMENTS` (see the module docstring).
         max_tokens_per_row: token budget of a `MASK` row when packing (None: one sequence per row).
         reason: why the fast paths are off, when they are.
@@ -64,8 +65,8 @@ class BatchLayout:
 
     def collator(self, pad_token_id: int) -> Collator:
         if self.attention == PADDED:
-            return PairCollator(pad_token_id)
-        return PackedPairCollator(
+            return PaddedCollator(pad_token_id)
+        return PackedCollator(
             pad_token_id,
             max_tokens_per_row=self.max_tokens_per_row,
             share_prompt=self.share_prompt,
@@ -99,23 +100,22 @@ def choose_layout(config: TrainConfig, reward_model: nn.Module) -> BatchLayout:
 
 def batch_rewards(
     model_or_engine: nn.Module, batch: dict[str, torch.Tensor], layout: BatchLayout
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen `[B]`, rejected `[B]`) rewards of a batch collated for `layout`, from ONE forward pass, float32.
+) -> torch.Tensor:
+    """Rewards `[N]` (float32) of the responses of a batch collated for `layout`, in the batch's response order
+    (`training/data/collate.py`), from ONE forward pass.
 
     Always through `model_or_engine(...)`: DeepSpeed 0.19 runs its backward prologue (ZeRO gradient-accumulation
     boundary, backward depth) from hooks that only `engine.forward` registers; calling another module method
     trains wrongly under ZeRO-3 with gradient accumulation (tests/scripts/zero_packing.py checks it).
     """
     if layout.attention == PADDED:
-        rewards = model_or_engine(batch["input_ids"], batch["attention_mask"])
-        return tuple(part.float() for part in rewards.chunk(2))
-    reward_index = torch.cat([batch["chosen_index"], batch["rejected_index"]])
+        return model_or_engine(batch["input_ids"], batch["attention_mask"]).float()
     if layout.attention == SEGMENTS:
         rewards = model_or_engine(
             batch["input_ids"],
             torch.ones_like(batch["input_ids"]),  # sdpa_mask turns an all-ones mask into None (no L x L mask)
             batch["position_ids"],
-            reward_index=reward_index,
+            reward_index=batch["reward_index"],
             rewardspeed_segments=plan_segments(batch["segments"].tolist(), batch["input_ids"].device),
         )
     else:
@@ -124,6 +124,6 @@ def batch_rewards(
             batch["attention_mask"], reward_model.config, reward_model.v_head.weight.dtype
         )
         rewards = model_or_engine(
-            batch["input_ids"], attention_mask, batch["position_ids"], reward_index=reward_index
+            batch["input_ids"], attention_mask, batch["position_ids"], reward_index=batch["reward_index"]
         )
-    return tuple(part.float() for part in rewards.chunk(2))
+    return rewards.float()

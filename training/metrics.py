@@ -2,7 +2,7 @@
 
 `metrics.jsonl` holds one JSON object per line: training records `{"step", "loss", "train_accuracy", "lr",
 "epoch", "pairs_seen", "elapsed_s"}` and evaluation records `{"step", "eval_accuracy", "eval_chosen_mean", ...}`
-(every key of `reward_statistics`, prefixed `eval_`).
+(every key of `ranking_statistics`, prefixed `eval_`).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,38 +19,128 @@ from model_utils.distributed import rank, world_size
 from training.arguments import TrainConfig
 
 
-def reward_statistics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, float | int]:
-    """Pairwise accuracy and reward statistics (the training loop's evaluation uses this too).
+@dataclass
+class RewardTable:
+    """Rewards of evaluated responses and what to compare, gathered batch by batch (and rank by rank).
 
-    Args:
-        chosen_rewards: `[N]` rewards of the preferred responses.
-        rejected_rewards: `[N]` rewards of the other responses, pair by pair.
+    Attributes:
+        rewards, scores: `[N]` each response's reward and score (a pair's chosen scores 1, rejected 0).
+        groups: `[N]` the example (prompt) of each response, 0..G-1.
+        better, worse: `[C]` indices into the N responses of each comparison.
+    """
+
+    rewards: list[float] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    groups: list[int] = field(default_factory=list)
+    better: list[int] = field(default_factory=list)
+    worse: list[int] = field(default_factory=list)
+
+    def add(
+        self, rewards: torch.Tensor, batch: dict[str, torch.Tensor], num_examples: int | None = None
+    ) -> None:
+        """Append one batch's rewards (in the batch's response order) and its comparison tensors; only the
+        first `num_examples` examples of the batch are kept (the rest were padding repeats)."""
+        keep_responses = batch["response_group"] < (num_examples if num_examples is not None else 1 << 62)
+        keep_comparisons = batch["comparison_group"] < (num_examples if num_examples is not None else 1 << 62)
+        # Responses kept, renumbered after those already in the table.
+        new_index = torch.cumsum(keep_responses.long(), 0) - 1 + len(self.rewards)
+        group_offset = max(self.groups) + 1 if self.groups else 0
+        self.better += new_index[batch["better"][keep_comparisons]].tolist()
+        self.worse += new_index[batch["worse"][keep_comparisons]].tolist()
+        self.rewards += rewards.detach().float().cpu()[keep_responses].tolist()
+        self.scores += batch["scores"][keep_responses].tolist()
+        self.groups += (batch["response_group"][keep_responses] + group_offset).tolist()
+
+    def extend(self, other: RewardTable) -> None:
+        """Append another table (another rank's), renumbering its responses and groups."""
+        response_offset, group_offset = len(self.rewards), (max(self.groups) + 1 if self.groups else 0)
+        self.better += [index + response_offset for index in other.better]
+        self.worse += [index + response_offset for index in other.worse]
+        self.rewards += other.rewards
+        self.scores += other.scores
+        self.groups += [group + group_offset for group in other.groups]
+
+
+def kendall_tau_b(rewards: torch.Tensor, scores: torch.Tensor) -> float | None:
+    """Kendall's tau-b between rewards and scores (ties corrected); 0 when the rewards are all equal (they rank
+    nothing), None when the scores are (nothing to rank).
+
+    >>> kendall_tau_b(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([1.0, 0.5, 0.0]))
+    1.0
+    """
+    reward_sign = torch.sign(rewards[:, None] - rewards[None, :]).triu(1)
+    score_sign = torch.sign(scores[:, None] - scores[None, :]).triu(1)
+    if not score_sign.any():
+        return None
+    denominator = math.sqrt(float((reward_sign != 0).sum()) * float((score_sign != 0).sum()))
+    return float((reward_sign * score_sign).sum()) / denominator if denominator else 0.0
+
+
+def ranking_statistics(table: RewardTable) -> dict[str, float | int]:
+    """Accuracy, reward statistics and ranking quality of evaluated responses (training eval and
+    `python -m training.evaluate` alike).
 
     Returns:
-        `accuracy` (share of pairs with chosen > rejected; ties count as wrong), `chosen_mean`,
-        `rejected_mean`, `margin_mean` (mean of chosen - rejected), `reward_mean` and `reward_std` (over all
-        2N rewards, population std), `num_pairs`.
+        `accuracy`: share of comparisons whose better response got the higher reward (ties count as wrong);
+        `chosen_mean`, `rejected_mean`, `margin_mean`: over comparisons (better, worse, better - worse);
+        `reward_mean`, `reward_std`: over all responses (each once, population std); `num_pairs`: comparisons;
+        `num_prompts`: examples; `top1_accuracy`: share of prompts where a best-scored response gets a reward
+        above every other response's (ties count as wrong); `kendall_tau`: mean over prompts of Kendall's tau-b between rewards and scores (for pairs
+        +1 or -1, i.e. 2 * accuracy - 1).
+    """
+    if not table.better:
+        raise ValueError("no pairs (comparisons) to evaluate")
+    rewards, scores = (
+        torch.tensor(table.rewards, dtype=torch.double),
+        torch.tensor(table.scores, dtype=torch.double),
+    )
+    groups = torch.tensor(table.groups)
+    better, worse = rewards[torch.tensor(table.better)], rewards[torch.tensor(table.worse)]
+    top1, taus = [], []
+    for group in torch.unique(groups).tolist():
+        member = groups == group
+        group_rewards, group_scores = rewards[member], scores[member]
+        best = group_scores == group_scores.max()
+        if best.all():
+            continue
+        top1.append(float(group_rewards[best].max() > group_rewards[~best].max()))
+        tau = kendall_tau_b(group_rewards, group_scores)
+        if tau is not None:
+            taus.append(tau)
+    return {
+        "accuracy": (better > worse).double().mean().item(),
+        "chosen_mean": better.mean().item(),
+        "rejected_mean": worse.mean().item(),
+        "margin_mean": (better - worse).mean().item(),
+        "reward_mean": rewards.mean().item(),
+        "reward_std": rewards.std(unbiased=False).item(),
+        "num_pairs": better.numel(),
+        "num_prompts": len(top1),
+        "top1_accuracy": sum(top1) / len(top1),
+        "kendall_tau": sum(taus) / len(taus) if taus else float("nan"),
+    }
+
+
+def reward_statistics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, float | int]:
+    """`ranking_statistics` of pairs given as chosen `[B]` and rejected `[B]` rewards.
 
     >>> stats = reward_statistics(torch.tensor([2.0, 0.0, 1.0]), torch.tensor([1.0, 1.0, 1.0]))
     >>> stats["accuracy"], stats["margin_mean"], stats["num_pairs"]
     (0.3333333333333333, 0.0, 3)
     """
-    chosen = chosen_rewards.detach().double().flatten().cpu()
-    rejected = rejected_rewards.detach().double().flatten().cpu()
+    chosen, rejected = chosen_rewards.detach().flatten().cpu(), rejected_rewards.detach().flatten().cpu()
     if chosen.shape != rejected.shape:
         raise ValueError(f"chosen and rejected rewards differ in shape: {chosen.shape} vs {rejected.shape}")
-    if chosen.numel() == 0:
-        raise ValueError("no pairs to evaluate")
-    both = torch.cat([chosen, rejected])
-    return {
-        "accuracy": (chosen > rejected).double().mean().item(),
-        "chosen_mean": chosen.mean().item(),
-        "rejected_mean": rejected.mean().item(),
-        "margin_mean": (chosen - rejected).mean().item(),
-        "reward_mean": both.mean().item(),
-        "reward_std": both.std(unbiased=False).item(),
-        "num_pairs": chosen.numel(),
-    }
+    pairs = len(chosen)
+    return ranking_statistics(
+        RewardTable(
+            rewards=torch.cat([chosen, rejected]).tolist(),
+            scores=[1.0] * pairs + [0.0] * pairs,
+            groups=list(range(pairs)) * 2,
+            better=list(range(pairs)),
+            worse=list(range(pairs, 2 * pairs)),
+        )
+    )
 
 
 def mean_over_ranks(value: torch.Tensor) -> float:

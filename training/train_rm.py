@@ -53,6 +53,7 @@ def resolve_data_paths(config: TrainConfig) -> list[str]:
 def load_data(config: TrainConfig, tokenizer) -> PreferenceData:
     from training.data.formats import parse_column_map
     from training.data.load import load_preference_data
+    from training.data.records import ListwiseOptions
 
     data = load_preference_data(
         resolve_data_paths(config),
@@ -64,21 +65,29 @@ def load_data(config: TrainConfig, tokenizer) -> PreferenceData:
         column_map=parse_column_map(config.column_map) if config.column_map else None,
         skip_invalid_rows=config.skip_invalid_rows,
         eval_data_paths=config.eval_data_path or None,
+        listwise=ListwiseOptions(config.min_score_gap, config.ultrafeedback_score, config.score_gap_margin),
     )
     if not data.eval:
         raise DataError("no evaluation pairs: give --eval_data_path or a positive --eval_fraction")
+    if config.loss_type == "dschat" and any("response_ids" in example for example in data.train + data.eval):
+        raise ConfigError("--loss_type dschat takes pairs only; this data has rows with several responses")
     return data
 
 
 def report_data(data: PreferenceData) -> None:
     stats = data.stats
     logger.info(
-        "data: %d training pairs, %d evaluation pairs; truncated rows %s; skipped invalid rows %s; ties skipped %s",
-        len(data.train),
-        len(data.eval),
-        stats.get("truncated_rows"),
-        dict(stats.get("skipped_rows", {})),
-        stats.get("ties_skipped"),
+        "data: %d training examples (%d comparisons), %d evaluation examples (%d comparisons); truncated rows %s; "
+        "skipped invalid rows %s; ties skipped %s; rows without a comparison %s; responses dropped %s",
+        stats["train_examples"],
+        stats["train_pairs"],
+        stats["eval_examples"],
+        stats["eval_pairs"],
+        stats["truncated_rows"],
+        stats["skipped_rows"],
+        stats["ties_skipped"],
+        stats["skipped_by_rule"],
+        stats["responses_dropped"],
     )
 
 

@@ -19,11 +19,11 @@ from model_utils.distributed import rank, world_size
 from model_utils.hf_reward_model import last_token_index
 from training.arguments import TrainConfig
 from training.checkpointing import TrainState, checkpoint_tags, save_checkpoint
-from training.data.collate import pair_sequence_lengths
+from training.data.collate import example_sequence_lengths
 from training.errors import TrainingError
 from training.layout import BatchLayout, Collator, batch_rewards
-from training.losses import center_rewards_loss, divergence_span_loss, pairwise_loss
-from training.metrics import MetricsLog, mean_over_ranks, reward_statistics
+from training.losses import center_rewards_loss, comparison_loss, divergence_span_loss, plackett_luce_loss
+from training.metrics import MetricsLog, RewardTable, mean_over_ranks, ranking_statistics
 from training.sampling import epoch_batches
 
 
@@ -33,24 +33,28 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 def compute_loss(
     engine, batch: dict[str, torch.Tensor], layout: BatchLayout, config: TrainConfig
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, chosen rewards `[B]`, rejected rewards `[B]`) for a batch collated for `layout`."""
-    if config.loss_type == "pairwise":
-        chosen_rewards, rejected_rewards = batch_rewards(engine, batch, layout)
-        loss = pairwise_loss(chosen_rewards, rejected_rewards, batch.get("margin"))
-    else:  # DeepSpeed-Chat's span loss reads per-token values of padded rows
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, whether each comparison's better response won `[C]`) for a batch collated for `layout`."""
+    if config.loss_type == "dschat":  # DeepSpeed-Chat's span loss reads per-token values of padded pairs
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         values = engine(input_ids, attention_mask, return_values=True).float()
         end = last_token_index(attention_mask, config.num_padding_at_beginning)
-        chosen_rewards, rejected_rewards = values.gather(-1, end.unsqueeze(-1)).squeeze(-1).chunk(2)
+        rewards = values.gather(-1, end.unsqueeze(-1)).squeeze(-1)
         loss = divergence_span_loss(
             *values.chunk(2), *input_ids.chunk(2), *attention_mask.chunk(2), config.num_padding_at_beginning
         )
+    else:
+        rewards = batch_rewards(engine, batch, layout)
+        if config.listwise_loss == "plackett_luce":
+            loss = plackett_luce_loss(rewards, batch["scores"], batch["response_group"], config.min_score_gap)
+        else:
+            loss = comparison_loss(
+                rewards, batch["better"], batch["worse"], batch["comparison_group"], batch.get("margin")
+            )
+    better, worse = rewards[batch["better"]], rewards[batch["worse"]]
     if config.center_rewards_coefficient > 0:
-        loss = loss + config.center_rewards_coefficient * center_rewards_loss(
-            chosen_rewards, rejected_rewards
-        )
-    return loss, chosen_rewards.detach(), rejected_rewards.detach()
+        loss = loss + config.center_rewards_coefficient * center_rewards_loss(better, worse)
+    return loss, (better > worse).detach()
 
 
 def check_finite(what: str, value: torch.Tensor, step: int, config: TrainConfig) -> None:
@@ -70,38 +74,40 @@ def check_finite(what: str, value: torch.Tensor, step: int, config: TrainConfig)
 
 @torch.no_grad()
 def run_evaluation(
-    engine, eval_pairs: Sequence[dict], collator: Collator, layout: BatchLayout, batch_size: int
+    engine, eval_examples: Sequence[dict], collator: Collator, layout: BatchLayout, batch_size: int
 ) -> dict[str, float]:
-    """Reward statistics over the whole eval split, every rank scoring an equal share.
+    """Ranking statistics over the whole eval split (`metrics.ranking_statistics`), every rank scoring an equal
+    share.
 
     Every rank runs the same number of forward passes (a short share is topped up with repeats that are
     discarded), as ZeRO-3 gathers parameters collectively.
     """
     ranks, this_rank = world_size(), rank()
-    share = math.ceil(len(eval_pairs) / ranks)
-    mine = list(range(this_rank * share, min(len(eval_pairs), (this_rank + 1) * share)))
+    share = math.ceil(len(eval_examples) / ranks)
+    mine = list(range(this_rank * share, min(len(eval_examples), (this_rank + 1) * share)))
     num_batches = math.ceil(share / batch_size)
     padded = mine + [0] * (num_batches * batch_size - len(mine))
     was_training = engine.training
     engine.eval()
-    chosen, rejected = [], []
+    table = RewardTable()
     for start in range(0, len(padded), batch_size):
         batch = to_device(
-            collator([eval_pairs[i] for i in padded[start : start + batch_size]]), engine.device
+            collator([eval_examples[i] for i in padded[start : start + batch_size]]), engine.device
         )
-        chosen_rewards, rejected_rewards = batch_rewards(engine, batch, layout)
-        chosen += chosen_rewards.cpu().tolist()
-        rejected += rejected_rewards.cpu().tolist()
+        real = max(0, min(batch_size, len(mine) - start))  # the examples of this batch that are not repeats
+        table.add(
+            batch_rewards(engine, batch, layout), {key: value.cpu() for key, value in batch.items()}, real
+        )
     if was_training:
         engine.train()
-    local = (chosen[: len(mine)], rejected[: len(mine)])
-    gathered = [local]
+    tables = [table]
     if torch.distributed.is_initialized() and ranks > 1:
-        gathered = [None] * ranks
-        torch.distributed.all_gather_object(gathered, local)
-    all_chosen = torch.tensor([value for part in gathered for value in part[0]])
-    all_rejected = torch.tensor([value for part in gathered for value in part[1]])
-    return reward_statistics(all_chosen, all_rejected)
+        tables = [None] * ranks
+        torch.distributed.all_gather_object(tables, table)
+    gathered = RewardTable()
+    for part in tables:
+        gathered.extend(part)
+    return ranking_statistics(gathered)
 
 
 def data_order(num_pairs: int, config: TrainConfig, ranks: int) -> str:
@@ -114,8 +120,8 @@ def data_order(num_pairs: int, config: TrainConfig, ranks: int) -> str:
 
 def train(
     engine,
-    train_pairs: Sequence[dict],
-    eval_pairs: Sequence[dict],
+    train_examples: Sequence[dict],
+    eval_examples: Sequence[dict],
     collator: Collator,
     layout: BatchLayout,
     config: TrainConfig,
@@ -126,21 +132,23 @@ def train(
     """Train until optimizer step `last_step` (`sampling.total_steps`); returns the final state."""
     ranks, this_rank = world_size(), rank()
     accumulation = config.gradient_accumulation_steps
-    order = data_order(len(train_pairs), config, ranks)
+    order = data_order(len(train_examples), config, ranks)
     if state.data_order and state.data_order != order:
         raise TrainingError(
             f"cannot resume: the checkpoint's data order ({state.data_order}) differs from this run's "
             f"({order}); resume with the same data and flags, or start a new --output_dir"
         )
     state.data_order = order
-    # Tokens a pair costs unpacked (the prompt twice); what --group_by_length sorts by.
+    # Tokens an example costs unpacked (the prompt once per response); what --group_by_length sorts by.
     lengths = (
-        [sum(pair_sequence_lengths(pair, False)) for pair in train_pairs] if config.group_by_length else None
+        [sum(example_sequence_lengths(example, False)) for example in train_examples]
+        if config.group_by_length
+        else None
     )
 
     def batches_of(epoch: int) -> list[list[int]]:
         return epoch_batches(
-            len(train_pairs),
+            len(train_examples),
             epoch,
             config.seed,
             config.per_device_train_batch_size,
@@ -167,18 +175,20 @@ def train(
         losses, accuracies = [], []
         for _micro_step in range(accumulation):
             indices = batches[state.batches_done_in_epoch]
-            batch = to_device(collator([train_pairs[i] for i in indices]), engine.device)
-            loss, chosen_rewards, rejected_rewards = compute_loss(engine, batch, layout, config)
+            batch = to_device(collator([train_examples[i] for i in indices]), engine.device)
+            loss, won = compute_loss(engine, batch, layout, config)
             check_finite("loss", loss, state.global_step + 1, config)
             engine.backward(loss)
             engine.step()
             state.batches_done_in_epoch += 1
             losses.append(loss.detach())
-            accuracies.append((chosen_rewards > rejected_rewards).float().mean())
+            accuracies.append(won.float().mean())
 
         # the step is done
         state.global_step += 1
-        state.pairs_seen += config.per_device_train_batch_size * accumulation * ranks
+        state.pairs_seen += (
+            config.per_device_train_batch_size * accumulation * ranks
+        )  # examples: pairs or groups
         gradient_norm = engine.get_global_grad_norm()
         if gradient_norm is not None:
             check_finite("gradient norm", torch.tensor(float(gradient_norm)), state.global_step, config)
@@ -204,7 +214,9 @@ def train(
             and state.global_step % config.eval_interval == 0
             and state.global_step < last_step
         ):
-            results = run_evaluation(engine, eval_pairs, collator, layout, config.per_device_eval_batch_size)
+            results = run_evaluation(
+                engine, eval_examples, collator, layout, config.per_device_eval_batch_size
+            )
             metrics.write({"step": state.global_step, **{f"eval_{k}": v for k, v in results.items()}})
         if config.save_interval and state.global_step % config.save_interval == 0:
             save_checkpoint(engine, state, config)

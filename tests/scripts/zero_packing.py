@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 tests/scripts/zero_packing.py --model_dir D --tokenizer_dir T --stage 3 --out O
 
 Two engines start from the same weights (ZeRO stage N, gradient accumulation A): "plain" trains on
-`PairCollator` batches, "packed_forward" on packed + prompt-shared rows with a 4D mask through
+`PaddedCollator` batches, "packed_forward" on packed + prompt-shared rows with a 4D mask through
 `batch_rewards(engine, ...)` (one `engine(...)` call with `reward_index`), "segments" on prompt-shared
 batches in one row with segment attention (short sequences in blocks), "segments_alone" one SDPA per sequence. Each rank writes `O/rank{r}.json` with every run's losses per
 micro-step.
@@ -70,7 +70,7 @@ def train(engine, layout: BatchLayout, micro_steps: int, vocab: int) -> list[flo
             key: value.to(engine.device)
             for key, value in collate(pairs_for(micro_step, rank(), vocab)).items()
         }
-        chosen_rewards, rejected_rewards = batch_rewards(engine, batch, layout)
+        chosen_rewards, rejected_rewards = batch_rewards(engine, batch, layout).chunk(2)
         loss = pairwise_loss(chosen_rewards, rejected_rewards)
         engine.backward(loss)
         engine.step()

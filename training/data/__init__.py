@@ -4,6 +4,7 @@
     sources.py       raw records from a file, a folder, a save_to_disk folder or a hub dataset
     dataset_splits.py  the subsets and splits such a dataset offers, and the ones a source chooses
     formats.py       which column holds which field; one record validated into a `PreferenceRow`
+    listwise.py      rows with several scored or ranked responses per prompt -> `RankedRow` + comparisons
     splits.py        DeepSpeed-Chat phase splits and held-out evaluation rows
     tokenize.py      rows -> token ids (the one path for training, evaluation and scoring)
     load.py          all of it for one training phase: `load_preference_data`
@@ -24,6 +25,6 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "training.data.splits": ("DEFAULT_DATA_SPLIT", "split_indices"),
         "training.data.tokenize": ("finish_sequence", "tokenize_pair", "tokenize_response", "tokenize_rows"),
         "training.data.load": ("load_preference_data", "read_preference_rows"),
-        "training.data.collate": ("PairCollator", "PackedPairCollator"),
+        "training.data.collate": ("PaddedCollator", "PackedCollator"),
     },
 )

@@ -1,9 +1,17 @@
-"""Collation: tokenised pairs -> the tensors of one micro-batch, padded or packed.
+"""Collation: tokenised examples -> the tensors of one micro-batch, padded or packed.
 
-    collate = PairCollator(tokenizer.pad_token_id)                       # plain: [2B, T], chosen rows first
-    collate = PackedPairCollator(tokenizer.pad_token_id, max_tokens_per_row=None, share_prompt=True,
-                                 segment_attention=True)                # one unpadded row + segments
+    collate = PaddedCollator(tokenizer.pad_token_id)                      # one padded row per response
+    collate = PackedCollator(tokenizer.pad_token_id, max_tokens_per_row=None, share_prompt=True,
+                             segment_attention=True)                     # one unpadded row + segments
 
+An example is a pair or a group of K responses to one prompt (`training/data/records.py`). Every batch lists its
+N responses in one order, branch-major: the first response of every example, then the second of every example,
+and so on (for pairs: all chosen, then all rejected). The model's rewards come back in that order, and these
+tensors say what to compare (`comparison_tensors`):
+    `better`, `worse` LongTensor[C]: indices into the N rewards of each comparison's preferred / other response;
+    `comparison_group` LongTensor[C]: the example each comparison belongs to;
+    `margin` FloatTensor[C]: only when some comparison has one (a pair's margin column, or a K-wise score gap);
+    `scores` FloatTensor[N], `response_group` LongTensor[N]: each response's score (a pair: 1 and 0) and example.
 Which collator a run uses is decided once, with the rest of the batch layout, in `training/layout.py`.
 """
 
@@ -16,20 +24,52 @@ from dataclasses import dataclass
 import torch
 
 from model_utils.packed_attention import SHARED, packed_attention_mask
+from training.data.records import example_comparisons, example_margins, example_responses, example_scores
 
 
-def collate_margins(pairs: Sequence[dict]) -> dict[str, torch.Tensor]:
-    """`{"margin": FloatTensor[B]}` when any pair has a margin (a missing one counts as 0.0), else `{}`."""
-    margins = [pair.get("margin") for pair in pairs]
-    if all(margin is None for margin in margins):
-        return {}
-    return {"margin": torch.tensor([0.0 if margin is None else margin for margin in margins])}
+def response_order(examples: Sequence[dict]) -> list[tuple[int, int]]:
+    """(example, response) of every response in branch-major order (see the module docstring).
+
+    >>> response_order([{"prompt_ids": [], "chosen_ids": [1], "rejected_ids": [2]},
+    ...                 {"prompt_ids": [], "response_ids": [[1], [2], [3]], "scores": [0, 1, 2], "comparisons": []}])
+    [(0, 0), (1, 0), (0, 1), (1, 1), (1, 2)]
+    """
+    counts = [len(example_responses(example)[1]) for example in examples]
+    return [(index, k) for k in range(max(counts)) for index, count in enumerate(counts) if k < count]
 
 
-def pair_sequence_lengths(pair: dict, share_prompt: bool) -> list[int]:
-    """Token counts of the sequences one pair becomes: `[P + C + R]` shared, `[P + C, P + R]` otherwise."""
-    prompt, chosen, rejected = len(pair["prompt_ids"]), len(pair["chosen_ids"]), len(pair["rejected_ids"])
-    return [prompt + chosen + rejected] if share_prompt else [prompt + chosen, prompt + rejected]
+def comparison_tensors(examples: Sequence[dict], order: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """What to compare in a batch whose rewards come in `order` (see the module docstring)."""
+    position = {response: index for index, response in enumerate(order)}
+    better, worse, group, margins = [], [], [], []
+    for index, example in enumerate(examples):
+        for (first, second), margin in zip(
+            example_comparisons(example), example_margins(example), strict=True
+        ):
+            better.append(position[index, first])
+            worse.append(position[index, second])
+            group.append(index)
+            margins.append(margin)
+    scores = [example_scores(example) for example in examples]
+    batch = {
+        "better": torch.tensor(better, dtype=torch.long),
+        "worse": torch.tensor(worse, dtype=torch.long),
+        "comparison_group": torch.tensor(group, dtype=torch.long),
+        "scores": torch.tensor([scores[index][k] for index, k in order], dtype=torch.float),
+        "response_group": torch.tensor([index for index, _ in order], dtype=torch.long),
+    }
+    if any(margin is not None for margin in margins):
+        batch["margin"] = torch.tensor([0.0 if margin is None else margin for margin in margins])
+    return batch
+
+
+def example_sequence_lengths(example: dict, share_prompt: bool) -> list[int]:
+    """Token counts of the sequences one example becomes unsplit: `[P + R_1 + ... + R_K]` shared,
+    `[P + R_1, ..., P + R_K]` otherwise."""
+    prompt, responses = example_responses(example)
+    if share_prompt:
+        return [len(prompt) + sum(map(len, responses))]
+    return [len(prompt) + len(response) for response in responses]
 
 
 def pack_lengths(lengths: Sequence[int], max_tokens_per_row: int | None) -> list[list[int]]:
@@ -58,19 +98,19 @@ def pack_lengths(lengths: Sequence[int], max_tokens_per_row: int | None) -> list
 
 
 @dataclass
-class PairCollator:
-    """Pad tokenised pairs into one batch: all chosen sequences first, then all rejected ones.
+class PaddedCollator:
+    """One row per response, `prompt + response`, padded to the longest; responses in branch-major order (for
+    pairs: all chosen rows first, then all rejected ones, as DeepSpeed-Chat lays them out).
 
     Args:
         pad_token_id: id written into padded positions (the attention mask marks them 0).
         padding_side: "right" or "left".
         pad_to_multiple_of: round the padded length up to a multiple of this (tensor-core friendly).
 
-    Returns (from `__call__`, for B pairs):
-        `input_ids` LongTensor[2B, T], `attention_mask` LongTensor[2B, T] (rows 0..B-1 chosen, B..2B-1
-        rejected), and `margin` FloatTensor[B] when any pair has a margin (a missing one counts as 0.0).
+    Returns (from `__call__`, for N responses): `input_ids` LongTensor[N, T], `attention_mask` LongTensor[N, T],
+    and the comparison tensors of the module docstring.
 
-    >>> collate = PairCollator(pad_token_id=0)
+    >>> collate = PaddedCollator(pad_token_id=0)
     >>> batch = collate([
     ...     {"prompt_ids": [1, 5], "chosen_ids": [6, 2], "rejected_ids": [7, 8, 2], "margin": None},
     ...     {"prompt_ids": [1], "chosen_ids": [9, 2], "rejected_ids": [4, 2], "margin": None},
@@ -80,9 +120,9 @@ class PairCollator:
             [1, 9, 2, 0, 0],
             [1, 5, 7, 8, 2],
             [1, 4, 2, 0, 0]])
-    >>> batch["attention_mask"][1].tolist()
-    [1, 1, 1, 0, 0]
-    >>> PairCollator(pad_token_id=0, padding_side="left")([
+    >>> batch["attention_mask"][1].tolist(), batch["better"].tolist(), batch["worse"].tolist()
+    ([1, 1, 1, 0, 0], [0, 1], [2, 3])
+    >>> PaddedCollator(pad_token_id=0, padding_side="left")([
     ...     {"prompt_ids": [1], "chosen_ids": [6, 2], "rejected_ids": [2], "margin": 0.5}])["input_ids"]
     tensor([[1, 6, 2],
             [0, 1, 2]])
@@ -94,57 +134,75 @@ class PairCollator:
 
     def __post_init__(self) -> None:
         if self.pad_token_id is None:
-            raise ValueError("PairCollator needs a pad_token_id (give the tokenizer a pad token)")
+            raise ValueError("PaddedCollator needs a pad_token_id (give the tokenizer a pad token)")
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
 
-    def _padded_length(self, longest: int) -> int:
+    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        order = response_order(examples)
+        parts = [example_responses(example) for example in examples]
+        sequences = [list(parts[index][0]) + list(parts[index][1][k]) for index, k in order]
         multiple = self.pad_to_multiple_of or 1
-        return multiple * math.ceil(longest / multiple)
-
-    def __call__(self, pairs: Sequence[dict]) -> dict[str, torch.Tensor]:
-        sequences = [pair["prompt_ids"] + pair["chosen_ids"] for pair in pairs]
-        sequences += [pair["prompt_ids"] + pair["rejected_ids"] for pair in pairs]
-        length = self._padded_length(max(len(sequence) for sequence in sequences))
+        length = multiple * math.ceil(max(len(sequence) for sequence in sequences) / multiple)
         input_ids = torch.full((len(sequences), length), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
         for row, sequence in enumerate(sequences):
             start = 0 if self.padding_side == "right" else length - len(sequence)
             input_ids[row, start : start + len(sequence)] = torch.tensor(sequence, dtype=torch.long)
             attention_mask[row, start : start + len(sequence)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, **collate_margins(pairs)}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            **comparison_tensors(examples, order),
+        }
+
+
+@dataclass(frozen=True)
+class PackedSequence:
+    """One packed sequence: `prompt` then `branches` (unshared: the whole sequence is the prompt part and its one
+    reward is read at its end); `responses` names the (example, response) of each reward it yields."""
+
+    prompt: list[int]
+    branches: list[list[int]]
+    responses: list[tuple[int, int]]
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + sum(map(len, self.branches))
 
 
 @dataclass
-class PackedPairCollator:
-    """Pack tokenised pairs into rows without padding between sequences; optionally share each prompt.
+class PackedCollator:
+    """Pack tokenised examples into rows without padding between sequences; optionally share each prompt.
 
     Args:
         pad_token_id: id written into the tail of rows shorter than the longest.
-        max_tokens_per_row: token budget of a row (sequences are never split; one longer than the budget gets
-            a row of its own). None: one sequence per row (prompt sharing without packing).
-        share_prompt: one sequence `prompt + chosen + rejected` per pair instead of two; the rejected branch
-            sees the prompt, never the chosen tokens, and its positions restart after the prompt.
+        max_tokens_per_row: token budget of a row (sequences are never split across rows; one longer than the
+            budget gets a row of its own). None: one sequence per row (prompt sharing without packing). With
+            prompt sharing it also bounds a shared sequence: an example whose prompt + responses exceed it is
+            split into several sequences, each carrying the prompt (every response still sees exactly
+            `prompt + itself`).
+        share_prompt: one sequence `prompt + response_1 + ... + response_K` per example instead of K: every
+            response branch sees the prompt and itself, never another branch, and its positions restart after
+            the prompt, so the prompt is computed once.
         pad_to_multiple_of: round the row length up to a multiple of this.
         segment_attention: lay every sequence of the batch end to end in ONE row (no padding at all) and
             describe them by `segments` instead of a 4D mask; the backbone then attends within each sequence
-            only (`model_utils.packed_attention.segment_attention_forward`), so attention costs what the
-            sequences cost alone, not the square of the row. `max_tokens_per_row` and `pad_to_multiple_of` do
-            not apply.
+            only (`model_utils.packed_attention.segment_attention_forward`). `max_tokens_per_row` and
+            `pad_to_multiple_of` do not apply.
 
-    Returns (from `__call__`, for B pairs packed into R rows of L tokens):
+    Returns (from `__call__`, for N responses packed into R rows of L tokens):
         `input_ids` LongTensor[R, L]; `position_ids` LongTensor[R, L], restarting at 0 for every sequence (and
-        at len(prompt) for a shared pair's rejected tokens); `attention_mask` BoolTensor[R, 1, L, L], True where
-        query token q may attend to key token k (causal, within one sequence, rejected never to chosen; a
-        padding token only to itself); `chosen_index`, `rejected_index` LongTensor[B], flat indices into
-        `input_ids.view(-1)` of each pair's last chosen / last rejected token; `margin` FloatTensor[B] when any
-        pair has a margin, as `PairCollator` gives it.
-        With `segment_attention`: R = 1, no `attention_mask`, and `segments` LongTensor[S, 4], one row per
-        sequence: (start, prefix, first, second) token counts: the `prefix + first` tokens from `start` are
-        causal; the `second` tokens after them see the prefix and each other, not `first` (a shared pair:
-        prompt, chosen, rejected; an unshared sequence: its length, 0, 0).
+        at len(prompt) for every branch after the first); `attention_mask` BoolTensor[R, 1, L, L], True where
+        query token q may attend to key token k (causal, within one sequence, a branch only to the prompt and
+        itself; a padding token only to itself); `reward_index` LongTensor[N], flat indices into
+        `input_ids.view(-1)` of each response's last token, in branch-major order; the comparison tensors.
+        With `segment_attention`: R = 1, no `attention_mask`, and `segments` LongTensor[S, 2 + K], one row per
+        sequence: (start, prefix, branch_1, ..., branch_K) token counts (0 = no such branch): the `prefix +
+        branch_1` tokens from `start` are causal, every later branch sees the prefix and itself (an unshared
+        sequence: its length, then zeros).
 
-    >>> collate = PackedPairCollator(pad_token_id=0, max_tokens_per_row=8, share_prompt=True)
+    >>> collate = PackedCollator(pad_token_id=0, max_tokens_per_row=8, share_prompt=True)
     >>> batch = collate([
     ...     {"prompt_ids": [1, 5], "chosen_ids": [6, 2], "rejected_ids": [7, 8, 2], "margin": None},
     ...     {"prompt_ids": [], "chosen_ids": [9, 2], "rejected_ids": [4, 2], "margin": None},
@@ -157,8 +215,8 @@ class PackedPairCollator:
             [0, 1, 0, 1, 0, 0, 0]])
     >>> batch["attention_mask"][0, 0, 4].int().tolist()  # the first rejected token: prompt and itself
     [1, 1, 0, 0, 1, 0, 0]
-    >>> batch["chosen_index"].tolist(), batch["rejected_index"].tolist()
-    ([3, 8], [6, 10])
+    >>> batch["reward_index"].tolist()  # chosen ends, then rejected ends
+    [3, 8, 6, 10]
     """
 
     pad_token_id: int
@@ -169,27 +227,39 @@ class PackedPairCollator:
 
     def __post_init__(self) -> None:
         if self.pad_token_id is None:
-            raise ValueError("PackedPairCollator needs a pad_token_id (give the tokenizer a pad token)")
+            raise ValueError("PackedCollator needs a pad_token_id (give the tokenizer a pad token)")
         if self.max_tokens_per_row is not None and self.max_tokens_per_row < 1:
             raise ValueError(f"max_tokens_per_row must be positive or None, got {self.max_tokens_per_row}")
 
-    def _sequences(self, pairs: Sequence[dict]) -> tuple[list[int], list[list[int]]]:
-        """(prefix length, branch lengths) of every sequence, in order: per pair the one shared sequence
-        `(prompt, [chosen, rejected])`, or chosen then rejected as `(prompt + response, [])`."""
+    def _sequences(self, examples: Sequence[dict]) -> list[PackedSequence]:
+        """Every sequence of the batch, in order: per example the shared sequence(s), or one per response."""
         sequences = []
-        for pair in pairs:
-            prompt, chosen, rejected = (
-                len(pair[key]) for key in ("prompt_ids", "chosen_ids", "rejected_ids")
+        limit = None if self.segment_attention else self.max_tokens_per_row
+        for index, example in enumerate(examples):
+            prompt, responses = example_responses(example)
+            prompt = list(prompt)
+            if not self.share_prompt:
+                sequences += [
+                    PackedSequence(prompt + list(r), [], [(index, k)]) for k, r in enumerate(responses)
+                ]
+                continue
+            part: list[int] = []
+            for k, response in enumerate(responses):
+                tokens = len(prompt) + sum(len(responses[j]) for j in part) + len(response)
+                if part and limit is not None and tokens > limit:
+                    sequences.append(
+                        PackedSequence(prompt, [list(responses[j]) for j in part], [(index, j) for j in part])
+                    )
+                    part = []
+                part.append(k)
+            sequences.append(
+                PackedSequence(prompt, [list(responses[j]) for j in part], [(index, j) for j in part])
             )
-            if self.share_prompt:
-                sequences.append((prompt, [chosen, rejected]))
-            else:
-                sequences += [(prompt + chosen, []), (prompt + rejected, [])]
         return sequences
 
-    def __call__(self, pairs: Sequence[dict]) -> dict[str, torch.Tensor]:
-        sequences = self._sequences(pairs)
-        lengths = torch.tensor([prefix + sum(branches) for prefix, branches in sequences])
+    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        sequences = self._sequences(examples)
+        lengths = torch.tensor([sequence.length for sequence in sequences])
         if self.segment_attention:
             rows, row_length = [list(range(len(sequences)))], int(lengths.sum())
         else:
@@ -204,26 +274,27 @@ class PackedPairCollator:
             members = torch.tensor(members)
             sequence_row[members] = row
             sequence_offset[members] = lengths[members].cumsum(0) - lengths[members]
-        sequence_start = sequence_row * row_length + sequence_offset
+        sequence_start = (sequence_row * row_length + sequence_offset).tolist()
 
-        # Every token of every sequence goes to its flat slot (one vectorised write per field). Positions
-        # restart at each sequence, and at the end of the prompt for every branch after the first.
-        tokens, positions, kinds = [], [], []
-        for pair in pairs:
-            prompt, responses = pair["prompt_ids"], [pair["chosen_ids"], pair["rejected_ids"]]
-            if self.share_prompt:
-                tokens += [*prompt, *responses[0], *responses[1]]
-                positions += [
-                    *range(len(prompt) + len(responses[0])),
-                    *range(len(prompt), len(prompt) + len(responses[1])),
-                ]
-                kinds += [SHARED] * len(prompt) + [1] * len(responses[0]) + [2] * len(responses[1])
-            else:
-                for response in responses:
-                    tokens += [*prompt, *response]
-                    positions += range(len(prompt) + len(response))
-                    kinds += [SHARED] * (len(prompt) + len(response))
-        flat_slot = torch.repeat_interleave(sequence_start, lengths) + (
+        # Every token of every sequence goes to its flat slot (one vectorised write per field). Positions restart
+        # at each sequence, and at the end of the prompt for every branch after the first; each response's reward
+        # is read at its last token.
+        tokens, positions, kinds, reward_at = [], [], [], {}
+        for sequence, start in zip(sequences, sequence_start, strict=True):
+            prompt = len(sequence.prompt)
+            tokens += sequence.prompt
+            positions += range(prompt)
+            kinds += [SHARED] * prompt
+            end = start + prompt
+            for branch_index, branch in enumerate(sequence.branches):
+                tokens += branch
+                positions += range(prompt, prompt + len(branch))
+                kinds += [branch_index + 1] * len(branch)
+                end += len(branch)
+                reward_at[sequence.responses[branch_index]] = end - 1
+            if not sequence.branches:
+                reward_at[sequence.responses[0]] = end - 1
+        flat_slot = torch.repeat_interleave(torch.tensor(sequence_start), lengths) + (
             torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
         )
         size = len(rows) * row_length
@@ -232,29 +303,22 @@ class PackedPairCollator:
         input_ids[flat_slot] = torch.tensor(tokens, dtype=torch.long)
         position_ids[flat_slot] = torch.tensor(positions, dtype=torch.long)
 
-        # Each pair's reward positions: last chosen / last rejected token.
-        prompt_length = torch.tensor([len(pair["prompt_ids"]) for pair in pairs])
-        chosen_length = torch.tensor([len(pair["chosen_ids"]) for pair in pairs])
-        rejected_length = torch.tensor([len(pair["rejected_ids"]) for pair in pairs])
-        if self.share_prompt:
-            chosen_index = sequence_start + prompt_length + chosen_length - 1
-            rejected_index = chosen_index + rejected_length
-        else:
-            chosen_index = sequence_start[0::2] + prompt_length + chosen_length - 1
-            rejected_index = sequence_start[1::2] + prompt_length + rejected_length - 1
-
+        order = response_order(examples)
         batch = {
             "input_ids": input_ids.view(-1, row_length),
             "position_ids": position_ids.view(-1, row_length),
-            "chosen_index": chosen_index,
-            "rejected_index": rejected_index,
-            **collate_margins(pairs),
+            "reward_index": torch.tensor([reward_at[response] for response in order], dtype=torch.long),
+            **comparison_tensors(examples, order),
         }
         if self.segment_attention:
-            # (start, prefix, first, second): an unshared sequence is (start, length, 0, 0).
-            shape = [[prefix, *branches, 0, 0][:3] for prefix, branches in sequences]
-            batch["segments"] = torch.cat(
-                [sequence_start[:, None], torch.tensor(shape, dtype=torch.long)], dim=1
+            width = max(1, *(len(sequence.branches) for sequence in sequences))
+            batch["segments"] = torch.tensor(
+                [
+                    [start, len(sequence.prompt), *map(len, sequence.branches)]
+                    + [0] * (width - len(sequence.branches))
+                    for sequence, start in zip(sequences, sequence_start, strict=True)
+                ],
+                dtype=torch.long,
             )
         else:
             kind = torch.full((size,), SHARED, dtype=torch.long)

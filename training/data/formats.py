@@ -263,7 +263,7 @@ def split_prompt(
     )
 
 
-def _is_empty(response: Content) -> bool:
+def is_empty(response: Content) -> bool:
     if isinstance(response, str):
         return not response.strip()
     return not any(message["content"].strip() for message in response)
@@ -292,6 +292,6 @@ def normalise_record(record: RawRecord, row_format: RowFormat) -> PreferenceRow 
         raise RowError("identical_responses", columns["chosen"], f"identical to {columns['rejected']!r}")
     prompt, chosen, rejected = split_prompt(prompt, chosen, rejected, columns)
     for name, response in (("chosen", chosen), ("rejected", rejected)):
-        if _is_empty(response):
+        if is_empty(response):
             raise RowError("empty_response", columns[name], "empty response")
     return PreferenceRow(prompt, chosen, rejected, margin, record.origin)

@@ -19,14 +19,19 @@ from collections.abc import Sequence
 from transformers import PreTrainedTokenizerBase
 
 from training.data.formats import describe_value, detect_format, normalise_record
+from training.data.listwise import LISTWISE_FIELDS, detect_listwise, normalise_ranked
 from training.data.records import (
     DataError,
+    ListwiseOptions,
     PreferenceData,
     PreferenceRow,
+    RankedRow,
     RawRecord,
     RowError,
     RowFormat,
+    RowSkipped,
     SourceRows,
+    num_comparisons,
 )
 from training.data.sources import load_records
 from training.data.splits import DEFAULT_DATA_SPLIT, REWARD_PHASE, parse_data_split, split_indices
@@ -38,15 +43,25 @@ MAX_LISTED_PROBLEMS = 20
 
 
 def _normalise_split(
-    records: list[RawRecord], row_format: RowFormat, source: SourceRows
-) -> list[PreferenceRow]:
+    records: list[RawRecord], row_format: RowFormat, source: SourceRows, options: ListwiseOptions
+) -> list[PreferenceRow | RankedRow]:
     rows = []
     for record in records:
         try:
-            row = normalise_record(record, row_format)
+            if row_format.listwise:
+                row, dropped = normalise_ranked(record, row_format, options)
+                source.responses_dropped.update({reason: n for reason, n in dropped.items() if n})
+            else:
+                row = normalise_record(record, row_format)
         except RowError as error:
             source.skipped[error.reason] += 1
             source.problems.append(f"{record.origin}: {error}")
+            continue
+        except RowSkipped as skipped:
+            source.skipped_by_rule[skipped.reason] += 1
+            source.responses_dropped.update(
+                {reason: n for reason, n in skipped.responses_dropped.items() if n}
+            )
             continue
         if row is None:
             source.ties_skipped += 1
@@ -55,11 +70,42 @@ def _normalise_split(
     return rows
 
 
+def row_format_of(source: str, column_names: set[str], column_map: dict[str, str] | None) -> RowFormat:
+    """Pairs (`formats.detect_format`) when the columns or the map name a pair's fields, else a K-wise layout
+    (`listwise.detect_listwise`) when they fit one, else `detect_format`'s error listing what it expects."""
+    column_map = dict(column_map or {})
+    pair_columns = {"chosen", "rejected"} <= column_names or {
+        "output_1",
+        "output_2",
+        "preference",
+    } <= column_names
+    if not pair_columns and not column_map.keys() - {"prompt", *LISTWISE_FIELDS}:
+        found = detect_listwise(column_names, column_map)
+        if found is not None:
+            layout, columns = found
+            missing = [
+                f"{column!r} ({name})"
+                for name, column in columns.items()
+                if name != "prompt" and column not in column_names
+            ]
+            if missing and column_names:
+                raise DataError(
+                    f"{source}: no column {', '.join(missing)}; its columns are {sorted(column_names)}"
+                )
+            return RowFormat(columns=columns, pairwise=False, listwise=layout)
+    return detect_format(source, column_names, column_map)
+
+
 def _column_names(records: list[RawRecord]) -> set[str]:
     return set().union(*(record.value.keys() for record in records if isinstance(record.value, dict)))
 
 
-def read_source(source: str, column_map: dict[str, str] | None = None, with_eval: bool = True) -> SourceRows:
+def read_source(
+    source: str,
+    column_map: dict[str, str] | None = None,
+    listwise: ListwiseOptions | None = None,
+    with_eval: bool = True,
+) -> SourceRows:
     """Read and validate one source without raising on invalid rows (they are listed in `problems`).
 
     `with_eval=False`: the source's own evaluation split is not wanted (not chosen, not read).
@@ -72,11 +118,12 @@ def read_source(source: str, column_map: dict[str, str] | None = None, with_eval
         first = all_records[0]
         problem = first.json_error or f"expected a JSON object, got {describe_value(first.value)}"
         raise DataError(f"{first.origin}: {problem}; no row of {source} is a JSON object")
-    row_format = detect_format(source, _column_names(all_records), column_map)
+    row_format = row_format_of(source, _column_names(all_records), column_map)
+    options = listwise or ListwiseOptions()
     rows = SourceRows(source, [], None, rows_read=len(all_records))
-    rows.rows = _normalise_split(train_records, row_format, rows)
+    rows.rows = _normalise_split(train_records, row_format, rows, options)
     if eval_records is not None:
-        rows.eval_rows = _normalise_split(eval_records, row_format, rows)
+        rows.eval_rows = _normalise_split(eval_records, row_format, rows, options)
     return rows
 
 
@@ -98,7 +145,10 @@ def raise_on_problems(sources: Sequence[SourceRows], skip_invalid_rows: bool) ->
 
 
 def read_preference_rows(
-    path: str, column_map: dict[str, str] | None = None, skip_invalid_rows: bool = False
+    path: str,
+    column_map: dict[str, str] | None = None,
+    skip_invalid_rows: bool = False,
+    listwise: ListwiseOptions | None = None,
 ) -> SourceRows:
     """Normalised text rows of one source (for evaluation and inspection); raises `DataError` on invalid rows.
 
@@ -106,7 +156,7 @@ def read_preference_rows(
         `SourceRows`: `.rows` (all rows of a file, the train split of a folder or hub dataset) and `.eval_rows`
         (the source's own evaluation split, or None), with the counts of skipped rows and ties.
     """
-    source = read_source(path, column_map)
+    source = read_source(path, column_map, listwise)
     raise_on_problems([source], skip_invalid_rows)
     if source.problems:
         logger.warning("%s: skipped %d invalid rows %s", path, len(source.problems), dict(source.skipped))
@@ -114,8 +164,8 @@ def read_preference_rows(
 
 
 def _phase_rows(
-    rows: list[PreferenceRow], weights: list[float], phase_index: int, seed: int, eval_fraction: float
-) -> tuple[list[PreferenceRow], list[PreferenceRow]]:
+    rows: list, weights: list[float], phase_index: int, seed: int, eval_fraction: float
+) -> tuple[list, list]:
     """(training rows of the phase, held-out evaluation rows) of one source's rows."""
     train_indices, eval_indices = split_indices(len(rows), weights, phase_index, seed, eval_fraction)
     return [rows[index] for index in train_indices], [rows[index] for index in eval_indices]
@@ -132,6 +182,7 @@ def load_preference_data(
     column_map: dict[str, str] | None = None,
     skip_invalid_rows: bool = False,
     eval_data_paths: list[str] | None = None,
+    listwise: ListwiseOptions | None = None,
 ) -> PreferenceData:
     """Read, validate, blend, split and tokenise the preference data of one training phase.
 
@@ -146,6 +197,7 @@ def load_preference_data(
         column_map: {field: column} for layouts that are not detected (see the module docstring).
         skip_invalid_rows: skip and count invalid rows instead of raising `DataError`.
         eval_data_paths: evaluation sources; when given nothing is held out of `data_paths`.
+        listwise: how rows with several responses become comparisons (`listwise.py`).
 
     Raises:
         DataError: before any tokenisation, listing every invalid row (file, line or row, field).
@@ -155,8 +207,8 @@ def load_preference_data(
     if not 0 <= eval_fraction < 1:
         raise DataError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     weights = parse_data_split(data_split, phase_index)
-    sources = [read_source(path, column_map, with_eval=not eval_data_paths) for path in data_paths]
-    eval_sources = [read_source(path, column_map) for path in eval_data_paths or []]
+    sources = [read_source(path, column_map, listwise, with_eval=not eval_data_paths) for path in data_paths]
+    eval_sources = [read_source(path, column_map, listwise) for path in eval_data_paths or []]
     raise_on_problems(sources + eval_sources, skip_invalid_rows)
 
     train_rows, eval_rows, train_pairs_per_source = [], [], {}
@@ -182,8 +234,10 @@ def load_preference_data(
     stats = {
         "rows_read": {source.source: source.rows_read for source in all_sources},
         "train_pairs_per_source": train_pairs_per_source,
-        "train_pairs": len(train),
-        "eval_pairs": len(evaluation),
+        "train_examples": len(train),
+        "eval_examples": len(evaluation),
+        "train_pairs": sum(map(num_comparisons, train)),
+        "eval_pairs": sum(map(num_comparisons, evaluation)),
         "truncated_rows": {"train": train_counts["truncated_rows"], "eval": eval_counts["truncated_rows"]},
         "truncated_responses": {
             "train": train_counts["truncated_responses"],
@@ -191,6 +245,8 @@ def load_preference_data(
         },
         "skipped_rows": dict(sum((source.skipped for source in all_sources), Counter())),
         "ties_skipped": sum(source.ties_skipped for source in all_sources),
+        "skipped_by_rule": dict(sum((source.skipped_by_rule for source in all_sources), Counter())),
+        "responses_dropped": dict(sum((source.responses_dropped for source in all_sources), Counter())),
     }
     logger.info("Preference data: %s", json.dumps(stats))
     return PreferenceData(train=train, eval=evaluation, stats=stats)

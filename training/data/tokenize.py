@@ -19,7 +19,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from training.data.formats import as_messages, content_field, margin_field, response_messages, split_prompt
-from training.data.records import Content, DataError, PreferenceRow, RowError
+from training.data.records import Content, DataError, PreferenceRow, RankedRow, RowError
 
 
 def render_conversations(
@@ -115,44 +115,59 @@ def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> No
 
 
 def tokenize_rows(
-    tokenizer: PreTrainedTokenizerBase, rows: Sequence[PreferenceRow], max_seq_len: int
+    tokenizer: PreTrainedTokenizerBase, rows: Sequence[PreferenceRow | RankedRow], max_seq_len: int
 ) -> tuple[list[dict], Counter[str]]:
-    """Tokenise preference rows (one batched tokenizer call); the one function for training and evaluation.
+    """Tokenise rows (one batched tokenizer call); the one function for training and evaluation.
 
     Returns:
-        pairs `{"prompt_ids", "chosen_ids", "rejected_ids", "margin"}` with
-        `len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) <= max_seq_len`, and counts
-        `{"truncated_rows": n, "truncated_responses": n}`.
+        examples: for a `PreferenceRow` a pair `{"prompt_ids", "chosen_ids", "rejected_ids", "margin"}`, for a
+        `RankedRow` a group `{"prompt_ids", "response_ids", "scores", "comparisons"}`, each with
+        `len(prompt_ids) + longest response <= max_seq_len`; and counts `{"truncated_rows": n,
+        "truncated_responses": n}`.
     """
     _check_tokenizer(tokenizer, max_seq_len)
     if not rows:
         return [], Counter()
-    texts = [_render_row(tokenizer, row.origin, row.prompt, [row.chosen, row.rejected]) for row in rows]
-    encoded = tokenizer([text for pair in texts for text in pair], add_special_tokens=True, verbose=False)[
-        "input_ids"
+    responses_of = [
+        row.responses if isinstance(row, RankedRow) else [row.chosen, row.rejected] for row in rows
     ]
+    texts = [
+        text
+        for row, responses in zip(rows, responses_of, strict=True)
+        for text in _render_row(tokenizer, row.origin, row.prompt, responses)
+    ]
+    encoded = iter(tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"])
     bos_token_id, eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    pairs, counts = [], Counter(truncated_rows=0, truncated_responses=0)
-    for row, chosen_full, rejected_full in zip(rows, encoded[0::2], encoded[1::2], strict=True):
-        full = [finish_sequence(ids, bos_token_id, eos_token_id) for ids in (chosen_full, rejected_full)]
+    examples, counts = [], Counter(truncated_rows=0, truncated_responses=0)
+    for row, responses in zip(rows, responses_of, strict=True):
+        full = [finish_sequence(next(encoded), bos_token_id, eos_token_id) for _ in responses]
         shared = shared_prefix_length(full)
-        prompt_ids, responses = full[0][:shared], [ids[shared:] for ids in full]
-        if shared + max(len(response) for response in responses) > max_seq_len:
-            prompt_ids, responses, response_cut = truncate_responses(
-                prompt_ids, responses, max_seq_len, bos_token_id
+        prompt_ids, response_ids = full[0][:shared], [ids[shared:] for ids in full]
+        if shared + max(len(response) for response in response_ids) > max_seq_len:
+            prompt_ids, response_ids, response_cut = truncate_responses(
+                prompt_ids, response_ids, max_seq_len, bos_token_id
             )
             counts["truncated_rows"] += 1
             counts["truncated_responses"] += response_cut
-        chosen_ids, rejected_ids = responses
-        pairs.append(
-            {
+        if isinstance(row, RankedRow):
+            example = {
+                "prompt_ids": prompt_ids,
+                "response_ids": response_ids,
+                "scores": list(row.scores),
+                "comparisons": [list(pair) for pair in row.comparisons],
+            }
+            if row.margins is not None:
+                example["margins"] = list(row.margins)
+        else:
+            chosen_ids, rejected_ids = response_ids
+            example = {
                 "prompt_ids": prompt_ids,
                 "chosen_ids": chosen_ids,
                 "rejected_ids": rejected_ids,
                 "margin": row.margin,
             }
-        )
-    return pairs, counts
+        examples.append(example)
+    return examples, counts
 
 
 def tokenize_response(

@@ -1,0 +1,391 @@
+"""K responses per prompt: formats, every comparison in one forward pass (exact against each response alone),
+losses, ranking metrics, ZeRO 0-3 and resume with K-wise rows."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from launch_utils import read_metrics, run_command, torchrun, train_rm_args
+from tiny_models import make_tokenizer, save_tiny_backbone, tiny_config, write_tiny_pairs, write_tiny_ranked
+from transformers import AutoModel
+
+from model_utils import RewardModel, packed_attention
+from model_utils.packed_attention import use_segment_attention
+from training.data import DataError, load_preference_data, read_preference_rows
+from training.data.collate import PackedCollator, PaddedCollator
+from training.data.records import ListwiseOptions, RankedRow
+from training.layout import MASK, SEGMENTS, BatchLayout, batch_rewards
+from training.losses import comparison_loss, pairwise_loss, plackett_luce_loss
+from training.metrics import RewardTable, ranking_statistics
+
+MULTI = (
+    Path(__file__).resolve().parents[1]
+    / ".."
+    / "shared"
+    / "data"
+    / "alpaca-eval-multi"
+    / "responses.jsonl.gz"
+)
+TOLERANCE = 1e-5
+PAD = 0
+
+
+def write_jsonl(path: Path, rows: list) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return str(path)
+
+
+# --- formats and validation -----------------------------------------------------------------------------------
+
+
+def test_scored_rows_compare_every_pair_above_the_gap(tmp_path):
+    path = write_jsonl(
+        tmp_path / "scored.jsonl",
+        [{"prompt": "Q?", "responses": [" a", " b", " c", " d"], "scores": [1.0, 3.0, 1.05, 2.0]}],
+    )
+    (row,) = read_preference_rows(path, listwise=ListwiseOptions(min_score_gap=0.1)).rows
+    assert isinstance(row, RankedRow) and row.responses == [" a", " b", " c", " d"]
+    assert sorted(row.comparisons) == [(1, 0), (1, 2), (1, 3), (3, 0), (3, 2)]  # a vs c is a near-tie
+    (row,) = read_preference_rows(path).rows
+    assert (2, 0) in row.comparisons and len(row.comparisons) == 6
+
+
+def test_ultrafeedback_nectar_and_ranking_layouts(tmp_path):
+    completion = lambda text, overall, helpful: {  # noqa: E731
+        "response": text,
+        "overall_score": overall,
+        "annotations": {"helpfulness": {"Rating": helpful, "Rationale": "..."}},
+    }
+    ultra = write_jsonl(
+        tmp_path / "ultra.jsonl",
+        [{"instruction": "Q?", "completions": [completion("a", 7.5, "4"), completion("b", 9, "N/A"),
+                                                completion("c", 3, "2")]}],
+    )  # fmt: skip
+    (row,) = read_preference_rows(ultra).rows
+    assert row.responses == ["a", "b", "c"] and row.scores == [7.5, 9.0, 3.0]
+    source = read_preference_rows(ultra, listwise=ListwiseOptions(ultrafeedback_score="helpfulness"))
+    assert source.rows[0].responses == ["a", "c"] and source.responses_dropped == {"unrated": 1}
+    nectar = write_jsonl(
+        tmp_path / "nectar.jsonl",
+        [{"prompt": "\n\nHuman: Q?\n\nAssistant:", "answers": [
+            {"answer": "second", "model": "m", "rank": 2}, {"answer": "first", "model": "n", "rank": 1}]}],
+    )  # fmt: skip
+    (row,) = read_preference_rows(nectar).rows
+    assert row.responses == [" second", " first"] and row.comparisons == [(1, 0)]
+    ranked = write_jsonl(
+        tmp_path / "ranked.jsonl", [{"prompt": "Q?", "ranking": ["best", ["tie1", "tie2"], "last"]}]
+    )
+    (row,) = read_preference_rows(ranked).rows
+    assert (
+        row.scores == [0.0, -1.0, -1.0, -2.0] and (1, 2) not in row.comparisons and len(row.comparisons) == 5
+    )
+
+
+def test_chat_message_rows_and_column_map(tmp_path):
+    rows = [
+        {
+            "question": [{"role": "user", "content": "Q?"}],
+            "answers": [[{"role": "assistant", "content": "yes"}], [{"role": "assistant", "content": "no"}]],
+            "ratings": [1, 0],
+        }
+    ]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    (row,) = read_preference_rows(
+        path, column_map={"prompt": "question", "responses": "answers", "scores": "ratings"}
+    ).rows
+    assert row.prompt == rows[0]["question"] and row.comparisons == [(0, 1)]
+
+
+@pytest.mark.parametrize(
+    "row, field, problem",
+    [
+        ({"prompt": "Q", "responses": ["a", "b"], "scores": [1]}, "scores", "expected 2 numbers"),
+        (
+            {"prompt": "Q", "responses": ["a", "b"], "scores": [1, "x"]},
+            "scores",
+            "score 1: expected a number",
+        ),
+        ({"prompt": "Q", "responses": "a", "scores": [1]}, "responses", "expected a list"),
+        ({"prompt": "Q", "responses": ["a", 3], "scores": [1, 0]}, "responses", "response 1"),
+        ({"prompt": "Q", "responses": ["a", "b"], "scores": [1, float("nan")]}, "scores", "finite"),
+    ],
+)
+def test_invalid_rows_name_file_line_and_field(tmp_path, row, field, problem):
+    good = {"prompt": "Q", "responses": ["a", "b"], "scores": [1, 0]}
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as error:
+        read_preference_rows(str(path))
+    message = str(error.value)
+    assert f"bad.jsonl line 2: field '{field}'" in message and problem in message, message
+
+
+def test_dropped_responses_and_rows_without_a_comparison_are_counted(tmp_path):
+    path = write_jsonl(
+        tmp_path / "rows.jsonl",
+        [
+            {"prompt": "Q", "responses": ["a", " ", "a", "b"], "scores": [2, 1, 0, 1]},  # empty, duplicate
+            {"prompt": "Q", "responses": ["a", "b"], "scores": [1, 1]},  # a tie
+            {"prompt": "Q", "responses": ["a", ""], "scores": [1, 0]},  # one response left
+        ],
+    )
+    source = read_preference_rows(path)
+    assert len(source.rows) == 1 and source.rows[0].responses == ["a", "b"]
+    assert source.responses_dropped == {"empty": 2, "duplicate": 1}
+    assert source.skipped_by_rule == {"no_score_gap": 1, "fewer_than_two_responses": 1}
+
+
+def test_pairs_and_kwise_rows_mix_in_one_run(tmp_path):
+    tokenizer = make_tokenizer(with_pad=True)
+    pairs = write_tiny_pairs(str(tmp_path / "pairs.jsonl"), 10)
+    ranked = write_tiny_ranked(str(tmp_path / "ranked.jsonl"), 10)
+    data = load_preference_data([pairs, ranked], tokenizer, 64, eval_fraction=0.0 + 0.2)
+    kinds = {("response_ids" in example) for example in data.train}
+    assert kinds == {True, False}
+    stats = data.stats
+    assert stats["train_examples"] == len(data.train) and stats["train_pairs"] > stats["train_examples"]
+    group = next(example for example in data.train if "response_ids" in example)
+    tokens = [group["prompt_ids"] + response for response in group["response_ids"]]
+    assert all(sequence[-1] == tokenizer.eos_token_id for sequence in tokens)
+    assert len(group["response_ids"]) == len(group["scores"]) >= 3
+
+
+@pytest.mark.skipif(not MULTI.exists(), reason="shared alpaca-eval-multi data absent")
+def test_alpaca_eval_multi_loads_with_a_score_gap():
+    with gzip.open(MULTI, "rt", encoding="utf-8") as file:
+        first = json.loads(file.readline())
+    source = read_preference_rows(f"{MULTI}[:50]", listwise=ListwiseOptions(min_score_gap=0.05))
+    assert len(source.rows) == 50 and source.responses_dropped.get("empty", 0) >= 0
+    row = source.rows[0]
+    assert row.prompt == first["prompt"] and len(row.responses) == len(first["responses"])
+    gaps = [row.scores[b] - row.scores[w] for b, w in row.comparisons]
+    assert min(gaps) >= 0.05 and len(row.comparisons) < len(row.responses) * (len(row.responses) - 1) / 2
+
+
+# --- one forward for every comparison, exact --------------------------------------------------------------------
+
+
+def make_examples(seed: int = 0) -> list[dict]:
+    """Pairs and groups of 3-5 responses, different lengths, an empty prompt, one-token responses."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def ids(length: int) -> list[int]:
+        return torch.randint(3, 44, (length,), generator=generator).tolist()
+
+    examples = [
+        {"prompt_ids": ids(5), "chosen_ids": ids(2) + [1], "rejected_ids": ids(4) + [1], "margin": 0.5},
+        {"prompt_ids": ids(3), "response_ids": [ids(2) + [1], [1], ids(5) + [1]], "scores": [2.0, 0.0, 1.0],
+         "comparisons": [[0, 1], [0, 2], [2, 1]]},
+        {"prompt_ids": [], "response_ids": [ids(3) + [1], ids(1) + [1], ids(2) + [1], ids(6) + [1], [1]],
+         "scores": [1.0, 1.0, 0.0, 3.0, 2.0], "comparisons": [[0, 2], [1, 2], [3, 0], [3, 1], [3, 2], [3, 4], [4, 0]]},
+        {"prompt_ids": ids(8), "chosen_ids": [1], "rejected_ids": ids(2) + [1], "margin": None},
+    ]  # fmt: skip
+    return examples
+
+
+def build_model(architecture: str) -> RewardModel:
+    torch.manual_seed(0)
+    model = RewardModel(
+        AutoModel.from_config(tiny_config(architecture), dtype=torch.float32, attn_implementation="sdpa")
+    )
+    torch.nn.init.normal_(model.v_head.weight, std=0.5)
+    return model.eval()
+
+
+def alone(model: RewardModel, examples: list[dict]) -> torch.Tensor:
+    """Every response scored as `prompt + response` alone, in the batch's response order."""
+    batch = PaddedCollator(PAD)(examples)
+    return torch.stack(
+        [
+            model(row[mask.bool()][None], torch.ones(1, int(mask.sum()), dtype=torch.long))[0]
+            for row, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+        ]
+    )
+
+
+LAYOUTS = {
+    "padded": (BatchLayout(), None),
+    "packed rows": (BatchLayout(packing=True, attention=MASK, max_tokens_per_row=16), None),
+    "shared rows": (BatchLayout(share_prompt=True, attention=MASK), None),
+    "shared rows, split groups": (BatchLayout(packing=True, share_prompt=True, attention=MASK, max_tokens_per_row=12), None),
+    "segments": (BatchLayout(packing=True, attention=SEGMENTS), 0),
+    "shared segments": (BatchLayout(packing=True, share_prompt=True, attention=SEGMENTS), 0),
+    "shared segment blocks": (BatchLayout(packing=True, share_prompt=True, attention=SEGMENTS), 16),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "gpt2", "opt", "gpt_neox"])
+def test_every_layout_scores_each_response_as_if_alone(architecture):
+    model = build_model(architecture)
+    examples = make_examples()
+    with torch.no_grad():
+        expected = alone(model, examples)
+    gradients = {}
+    for name, (layout, block_tokens) in LAYOUTS.items():
+        if layout.attention == SEGMENTS:
+            use_segment_attention(model)
+        batch = layout.collator(PAD)(examples)
+        model.zero_grad(set_to_none=True)
+        with mock.patch.object(packed_attention, "SEGMENT_BLOCK_TOKENS", block_tokens or 0):
+            rewards = batch_rewards(model, batch, layout)
+        torch.testing.assert_close(
+            rewards, expected.float(), atol=TOLERANCE, rtol=0, msg=f"{architecture} {name}"
+        )
+        comparison_loss(
+            rewards, batch["better"], batch["worse"], batch["comparison_group"], batch.get("margin")
+        ).backward()
+        gradients[name] = [parameter.grad.clone() for parameter in model.parameters()]
+    for name, grads in gradients.items():
+        for got, want in zip(grads, gradients["padded"], strict=True):
+            torch.testing.assert_close(
+                got, want, atol=TOLERANCE, rtol=0, msg=f"{architecture} {name} gradient"
+            )
+
+
+def test_shared_groups_compute_each_prompt_once_and_split_when_too_long():
+    examples = make_examples()
+    shared = PackedCollator(PAD, None, share_prompt=True, segment_attention=True)(examples)
+    prompts = [len(example["prompt_ids"]) for example in examples]
+    responses = [sum(map(len, example.get("response_ids", [example.get("chosen_ids"), example.get("rejected_ids")])))
+                 for example in examples]  # fmt: skip
+    assert shared["input_ids"].numel() == sum(prompts) + sum(responses)
+    segments = shared["segments"].tolist()  # (start, prompt, branch lengths...), zeros past a row's K
+    assert segments[1][1:] == [3, 3, 1, 6, 0, 0] and segments[2][1:] == [0, 4, 2, 3, 7, 1]
+    split = PackedCollator(PAD, 12, share_prompt=True)(examples)
+    # The 5-response group with an empty prompt and the 3-response one do not fit 12 tokens: split, each part with
+    # the prompt; every response still appears exactly once.
+    assert split["input_ids"].ne(PAD).sum() > sum(prompts) + sum(responses)
+    assert len(split["reward_index"]) == len(shared["reward_index"]) == 12
+
+
+# --- losses and metrics -----------------------------------------------------------------------------------------
+
+
+def test_comparison_loss_weighs_each_prompt_once_and_is_the_pairwise_loss_for_pairs():
+    rewards = torch.tensor([0.3, -0.2, 1.0, 0.1, 0.5, -1.0])
+    pairs = comparison_loss(
+        rewards, torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5]), torch.tensor([0, 1, 2])
+    )
+    assert torch.equal(pairs, pairwise_loss(rewards[:3], rewards[3:]))
+    # Group 0 has three comparisons, group 1 one: each group weighs one half.
+    better, worse, group = torch.tensor([0, 0, 1, 3]), torch.tensor([1, 2, 2, 4]), torch.tensor([0, 0, 0, 1])
+    per = -torch.nn.functional.logsigmoid(rewards[better] - rewards[worse])
+    expected = (per[:3].mean() + per[3]) / 2
+    torch.testing.assert_close(comparison_loss(rewards, better, worse, group), expected)
+
+
+def test_plackett_luce_is_bradley_terry_for_pairs_and_handles_ties():
+    rewards = torch.tensor([1.5, -0.5])
+    pl = plackett_luce_loss(rewards, torch.tensor([1.0, 0.0]), torch.tensor([0, 0]))
+    torch.testing.assert_close(pl, pairwise_loss(rewards[:1], rewards[1:]))
+    # Scores (3, 1, 1, 0): stage 1 picks the best of all four, stage 2 the tied pair together (Breslow), the last
+    # response adds nothing.
+    rewards = torch.tensor([2.0, 0.5, 1.0, -1.0], requires_grad=True)
+    loss = plackett_luce_loss(rewards, torch.tensor([3.0, 1.0, 1.0, 0.0]), torch.zeros(4, dtype=torch.long))
+    r = rewards.detach()
+    expected = (-r[0] + torch.logsumexp(r, 0)) + (-(r[1] + r[2]) + 2 * torch.logsumexp(r[1:], 0))
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert rewards.grad[0] < 0 < rewards.grad[3]  # the best is pushed up, the worst down
+    # A near-tie within the gap shares a stage.
+    near = plackett_luce_loss(r, torch.tensor([3.0, 1.0, 1.01, 0.0]), torch.zeros(4, dtype=torch.long), 0.05)
+    torch.testing.assert_close(near, expected)
+
+
+def test_ranking_statistics_top1_and_kendall_tau():
+    # Prompt 0: rewards order 2 > 0 > 1, scores order 0 > 1 > 2; prompt 1: a pair ranked right.
+    table = RewardTable(
+        rewards=[1.0, 0.0, 2.0, 0.5, 0.1],
+        scores=[3.0, 2.0, 1.0, 1.0, 0.0],
+        groups=[0, 0, 0, 1, 1],
+        better=[0, 0, 1, 3],
+        worse=[1, 2, 2, 4],
+    )
+    stats = ranking_statistics(table)
+    assert stats["num_pairs"] == 4 and stats["num_prompts"] == 2
+    assert stats["accuracy"] == 0.5 and stats["top1_accuracy"] == 0.5
+    assert stats["kendall_tau"] == pytest.approx(((1 - 2) / 3 + 1) / 2)
+
+
+# --- training end to end ----------------------------------------------------------------------------------------
+
+COMMON = ["--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--max_seq_len", "32",
+          "--learning_rate", "2e-3", "--dropout", "0.0", "--min_score_gap", "1"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ranked_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ranked")
+    model = save_tiny_backbone(str(root / "llama"), "llama")
+    make_tokenizer().save_pretrained(model)
+    return model, write_tiny_ranked(str(root / "ranked.jsonl"), 160)
+
+
+def test_kwise_training_learns_and_evaluates_rankings(ranked_setup, tmp_path):
+    model, data = ranked_setup
+    for loss in ("pairs", "plackett_luce"):
+        output = str(tmp_path / loss)
+        result = run_command([sys.executable, *train_rm_args(model, data, output, *COMMON, "--num_train_epochs", "8",
+                                                             "--listwise_loss", loss)])  # fmt: skip
+        assert "prompt sharing True" in result.stderr
+        _, evaluations = read_metrics(output)
+        final = evaluations[-1]
+        assert final["eval_num_pairs"] > final["eval_num_prompts"] == 16
+        assert (
+            final["eval_accuracy"] > 0.8
+            and final["eval_top1_accuracy"] > 0.7
+            and final["eval_kendall_tau"] > 0.5
+        )
+    evaluated = run_command(
+        [sys.executable, "-m", "training.evaluate", "--model_name_or_path", output, "--data_path", data, "--min_score_gap", "1"]
+    )  # fmt: skip
+    record = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert {"top1_accuracy", "kendall_tau", "num_prompts"} <= record.keys() and record["num_prompts"] > 100
+
+
+def test_resume_in_the_middle_of_a_kwise_epoch(ranked_setup, tmp_path):
+    model, data = ranked_setup
+    output = str(tmp_path / "out")
+    flags = [*COMMON, "--max_steps", "10", "--save_interval", "4"]
+    run_command([sys.executable, *train_rm_args(model, data, output, *flags, "--keep_checkpoints", "3")])
+    uninterrupted, _ = read_metrics(output)
+    checkpoints = os.path.join(output, "checkpoints")
+    shutil.rmtree(os.path.join(checkpoints, "step_8"))
+    with open(os.path.join(checkpoints, "latest"), "w") as file:
+        file.write("step_4")  # a crash after step 4 of a 36-step epoch
+    run_command([sys.executable, *train_rm_args(model, data, output, *flags, "--resume")])
+    resumed, _ = read_metrics(output)
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in uninterrupted]
+
+
+@pytest.mark.distributed
+def test_zero_stages_give_identical_kwise_losses(ranked_setup, tmp_path):
+    model, data = ranked_setup
+    losses = {}
+    for stage in (0, 1, 2, 3):
+        output = str(tmp_path / f"zero{stage}")
+        torchrun(train_rm_args(model, data, output, *COMMON, "--max_steps", "4", "--zero_stage", str(stage)))
+        losses[stage] = [r["loss"] for r in read_metrics(output)[0]]
+    assert len(losses[0]) == 4 and len(set(losses[0])) > 1
+    for stage in (1, 2, 3):
+        assert losses[stage] == pytest.approx(losses[0], abs=1e-5, rel=0), stage
+
+
+def test_dschat_loss_refuses_kwise_rows(ranked_setup, tmp_path):
+    model, data = ranked_setup
+    result = run_command(
+        [
+            sys.executable,
+            *train_rm_args(model, data, str(tmp_path / "out"), *COMMON, "--loss_type", "dschat"),
+        ],
+        check=False,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "pairs only" in result.stderr
