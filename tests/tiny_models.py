@@ -224,6 +224,29 @@ def tokenizer_dir(folder: str) -> str:
     return os.path.join(folder, "tokenizer")
 
 
+def folder_tokenizer(architecture: str):
+    """The tiny tokenizer that loads back from a model folder of `architecture`: the word-level one, except for
+    qwen2 (transformers 5 loads such folders as `Qwen2Tokenizer`), a byte-level `Qwen2Tokenizer` without
+    merges, one token per byte (257 tokens, EOS = pad, so the project adds its own pad)."""
+    if tiny_config(architecture).model_type != "qwen2":
+        return make_tokenizer()
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from transformers.models.qwen2 import Qwen2Tokenizer
+
+    characters = bytes_to_unicode().values()
+    return Qwen2Tokenizer(
+        vocab={"<|endoftext|>": 0, **{c: i for i, c in enumerate(characters, 1)}}, merges=[]
+    )
+
+
+def save_trainable_backbone(folder: str, architecture: str, seed: int = 0) -> str:
+    """`save_tiny_backbone` plus `folder_tokenizer` in `folder` itself, as `python -m training.train_rm
+    --model_name_or_path folder` loads them; returns `folder`."""
+    save_tiny_backbone(folder, architecture, seed=seed)
+    folder_tokenizer(architecture).save_pretrained(folder)
+    return folder
+
+
 COLORS = ("red", "blue", "green")
 ANIMALS = ("cat", "dog", "bird")
 
