@@ -19,7 +19,7 @@ from test_model import pad_batch
 from tiny_models import BACKBONES, folder_tokenizer, save_trainable_backbone, write_tiny_pairs
 from transformers import AutoModelForSequenceClassification
 
-from model_utils import load_reward_model
+from model_utils import create_critic_model, load_tokenizer
 from model_utils.hf_reward_model import position_ids_from_mask
 
 # A small learning rate: AdamW divides every gradient element by its own magnitude, so float noise in elements
@@ -125,7 +125,8 @@ def test_the_saved_model_loads_elsewhere_with_equal_left_and_right_padded_scores
     remote = backbone in AUTO_MAP_BACKBONES
     model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=remote).eval()
     assert type(model).__name__.endswith("RewardModel" if remote else "ForSequenceClassification")
-    reward_model, tokenizer = load_reward_model(folder)  # the project's loader: the PPO critic's path
+    tokenizer = load_tokenizer(folder)
+    critic = create_critic_model(folder, tokenizer, rlhf_training=True, dropout=0.0).eval()  # the PPO stage's
     assert len(tokenizer) == len(folder_tokenizer(backbone)) + 1  # the added pad
     with torch.no_grad():
         for side, (input_ids, attention_mask) in padded_batches(tokenizer).items():
@@ -133,7 +134,7 @@ def test_the_saved_model_loads_elsewhere_with_equal_left_and_right_padded_scores
             if side == "left" and backbone in ABSOLUTE_POSITIONS:
                 extra["position_ids"] = position_ids_from_mask(attention_mask)
             scores = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits[:, 0]
-            expected = reward_model(input_ids, attention_mask)
+            expected = critic(input_ids, attention_mask)
             assert (scores - expected).abs().max() < 1e-5, (side, scores, expected)
 
 

@@ -310,10 +310,12 @@ def test_zero3_packed_shared_training_equals_plain(tmp_path):
     torchrun([os.path.join(SCRIPTS, "zero_packing.py"), *arguments, "--stage", "3", "--accumulation", "2"])
     for result in read_rank_results(str(tmp_path)):
         # Losses of 6 micro-steps (3 optimizer steps): equal, so packed gradients trained the same weights.
-        for run in ("packed_forward", "segments", "segments_alone"):
+        for run in ("packed_forward", "segments", "segments_alone", "probed"):
             torch.testing.assert_close(
                 torch.tensor(result[run]), torch.tensor(result["plain"]), rtol=1e-4, atol=1e-7, msg=run
             )
+        assert "attention mask" in result["probed_layout"]
+        assert "segments ValueError: segment attention cannot apply position_ids" in result["probed_layout"]
 
 
 @pytest.mark.gpu
