@@ -3,6 +3,8 @@ apply, and the start-up probe measuring the rest on the model itself (fp32 and b
 
 from __future__ import annotations
 
+import doctest
+
 import pytest
 import torch
 from test_packing import make_pairs
@@ -28,6 +30,7 @@ from model_utils.packed_attention import (
     supports_packing,
     supports_segment_attention,
 )
+from training import probe
 from training.arguments import TrainConfig
 from training.data.collate import PairCollator
 from training.errors import ConfigError
@@ -216,3 +219,8 @@ def test_bf16_tolerance_keeps_exact_layouts_and_rejects_wrong_ones():
     assert wrong.attention == MASK and "segments max diff" in wrong.reason and "(bfloat16)" in wrong.reason
     assert probe_tolerance(torch.tensor([0.5, -4.0]), torch.bfloat16) == pytest.approx(0.4)
     assert probe_tolerance(torch.tensor([0.5, -0.2]), torch.float32) == pytest.approx(1e-5)
+
+
+def test_docstring_examples():
+    for module in (packed_attention, probe):
+        assert doctest.testmod(module).failed == 0, module.__name__
