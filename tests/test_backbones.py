@@ -39,7 +39,7 @@ AUTO_MAP_BACKBONES = {"granite", "cohere"}
 EXPECTED_LAYOUT = {
     "stablelm": ("mask", "segments max diff"),
     "falcon": ("mask", "did not switch"),
-    "gemma2": ("mask", "mask max diff"),
+    "gemma2": ("mask", "segment attention replaces sdpa, the backbone runs 'eager'; proved exact"),
     "bloom": ("padded", "ALiBi"),
     "falcon_alibi": ("padded", "ALiBi"),
     "mistral_short_window": ("padded", "sliding_window=12 is shorter than the longest sequence (32 tokens)"),

@@ -80,7 +80,7 @@ def layout_candidates(
     config: TrainConfig, backbone_config: PretrainedConfig
 ) -> tuple[list[BatchLayout], str]:
     """The fast layouts `--packing`/`--share_prompt` allow for this backbone and loss, fastest first, before the
-    probe proves one exact; with none, the reason.
+    probe proves one exact (a candidate's `reason`: why a faster one is not among them); with none, the reason.
 
     Reads the config only (safe before the model is loaded; the attention implementation is then not known
     yet and is checked again once the model is built). An `on` flag that a static check refuses raises
@@ -98,11 +98,13 @@ def layout_candidates(
             raise ConfigError(f"--{flag} on: {reason}; train with --packing off --share_prompt off")
         return [], reason
     candidates = []
-    if packing and supports_segment_attention(backbone_config)[0]:
+    segments, why_not_segments = supports_segment_attention(backbone_config)
+    if packing and segments:
         # One row per micro-batch, attention per sequence: no padding, no L x L mask.
         candidates.append(BatchLayout(packing, share_prompt, SEGMENTS))
     budget = config.max_seq_len * (2 if share_prompt else 1) if packing else None
-    candidates.append(BatchLayout(packing, share_prompt, MASK, max_tokens_per_row=budget))
+    mask_reason = why_not_segments if packing else ""
+    candidates.append(BatchLayout(packing, share_prompt, MASK, max_tokens_per_row=budget, reason=mask_reason))
     return candidates, ""
 
 

@@ -81,23 +81,30 @@ def probe_tolerance(expected: torch.Tensor, dtype: torch.dtype) -> float:
     return relative * scale
 
 
-def largest_over_ranks(value: float) -> float:
-    """The largest `value` of any rank, so that every rank keeps the same layout."""
+def engine_device(engine) -> torch.device:
+    return getattr(engine, "device", None) or next(engine.parameters()).device
+
+
+def largest_over_ranks(value: float, device: torch.device) -> float:
+    """The largest `value` of any rank, so that every rank keeps the same layout (on `device`: NCCL reduces
+    only CUDA tensors)."""
     if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
         return value
-    tensor = torch.tensor([value], dtype=torch.float64)
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
     return float(tensor.item())
 
 
 def layout_rewards(engine, pairs: list[dict], layout: BatchLayout, pad_token_id: int) -> torch.Tensor:
     """All rewards of `pairs` in `layout` (chosen then rejected, float32), from one forward pass."""
-    device = getattr(engine, "device", None) or next(engine.parameters()).device
+    device = engine_device(engine)
     batch = {key: value.to(device) for key, value in layout.collator(pad_token_id)(pairs).items()}
     return torch.cat(batch_rewards(engine, batch, layout)).float().cpu()
 
 
-def measure(engine, pairs: list[dict], layout: BatchLayout, pad_token_id: int, expected: torch.Tensor):
+def measure(
+    engine, pairs: list[dict], layout: BatchLayout, pad_token_id: int, expected: torch.Tensor
+) -> tuple[float, str]:
     """(max |reward - expected| over every rank, or inf; what went wrong when the layout could not run)."""
     reward_model = getattr(engine, "module", engine)
     failure = ""
@@ -111,7 +118,7 @@ def measure(engine, pairs: list[dict], layout: BatchLayout, pad_token_id: int, e
         if isinstance(error, torch.OutOfMemoryError):
             raise
         failure, difference = f"{type(error).__name__}: {error}".splitlines()[0], math.inf
-    return largest_over_ranks(difference), failure
+    return largest_over_ranks(difference, engine_device(engine)), failure
 
 
 def probe_layout(
@@ -146,7 +153,8 @@ def probe_layout(
         f"probe {time.perf_counter() - start:.2f} s"
     )
     if chosen is not None:
-        return dataclasses.replace(chosen, reason=f"proved exact at start-up: {summary}")
+        why = f"{chosen.reason}; " if chosen.reason else ""
+        return dataclasses.replace(chosen, reason=f"{why}proved exact at start-up: {summary}")
     reason = f"no fast layout gives the padded rewards on this model: {summary}"
     for flag in on_flags(config):
         raise ConfigError(f"--{flag} on: {reason}; train with --packing off --share_prompt off")
