@@ -11,6 +11,11 @@ Layouts (`BatchLayout.attention` says how the backbone is told which token sees 
   all its responses (K branches).
 - `mask`: packing or sharing on an eager backbone, or sharing without packing: rows with a block-diagonal 4D
   mask (`PackedCollator` without segments).
+- `flex`: a flex_attention backbone (`--attn_implementation flex_attention`, GPU): the segment row with a
+  FlexAttention `BlockMask` built once per micro-batch (`packed_attention.segment_block_mask`); packing and prompt
+  sharing with K branches. FlexAttention has no backward on CPU (torch 2.13), so it trains on GPUs only.
+- `varlen`: a flash-attention backbone (GPU): packing only, the segment row with restarted positions and the varlen
+  arguments (`packed_attention.varlen_kwargs`); a shared prompt is not a varlen pattern, so sharing is off there.
 `auto` takes packing and prompt sharing where they give the plain rewards exactly (fp32 1e-5) for the backbone
 and the loss; `on` where they cannot is a `ConfigError` naming the reason.
 """
@@ -24,11 +29,15 @@ import torch
 from torch import nn
 
 from model_utils.packed_attention import (
+    FLASH_ATTENTIONS,
+    FLEX_ATTENTION,
     SEGMENT_ATTENTION,
     backbone_attention_mask,
     plan_segments,
+    segment_block_mask,
     supports_packing,
     use_segment_attention,
+    varlen_kwargs,
 )
 from training.arguments import TrainConfig
 from training.data.collate import PackedCollator, PaddedCollator
@@ -36,7 +45,9 @@ from training.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-PADDED, MASK, SEGMENTS = "padded", "mask", "segments"
+PADDED, MASK, SEGMENTS, FLEX, VARLEN = "padded", "mask", "segments", "flex", "varlen"
+# Layouts that lay the whole micro-batch in one unpadded row described by `segments`.
+ONE_ROW = (SEGMENTS, FLEX, VARLEN)
 Collator = PaddedCollator | PackedCollator
 
 
@@ -70,7 +81,7 @@ class BatchLayout:
             pad_token_id,
             max_tokens_per_row=self.max_tokens_per_row,
             share_prompt=self.share_prompt,
-            segment_attention=self.attention == SEGMENTS,
+            segment_attention=self.attention in ONE_ROW,
         )
 
 
@@ -83,11 +94,24 @@ def choose_layout(config: TrainConfig, reward_model: nn.Module) -> BatchLayout:
     for flag in ("packing", "share_prompt"):
         if getattr(config, flag) == "on" and not supported:
             raise ConfigError(f"--{flag} on: {reason}")
+    attention = reward_model.config._attn_implementation
+    if supported and attention in FLASH_ATTENTIONS and config.share_prompt != "off":
+        if config.share_prompt == "on":
+            raise ConfigError(
+                f"--share_prompt on: {attention} cannot express a shared prompt (use flex_attention or sdpa)"
+            )
+        share_reason = f"{attention}: prompt sharing is not a varlen pattern"
+    else:
+        share_reason = ""
     packing = supported and config.packing != "off"
-    share_prompt = supported and config.share_prompt != "off"
+    share_prompt = supported and config.share_prompt != "off" and not share_reason
     if not (packing or share_prompt):
         layout = BatchLayout(reason=reason)
-    elif packing and reward_model.config._attn_implementation in ("sdpa", SEGMENT_ATTENTION):
+    elif attention == FLEX_ATTENTION:
+        layout = BatchLayout(packing, share_prompt, FLEX)
+    elif attention in FLASH_ATTENTIONS:
+        layout = BatchLayout(packing, False, VARLEN, reason=share_reason)
+    elif packing and attention in ("sdpa", SEGMENT_ATTENTION):
         # One row per micro-batch, attention per sequence: no padding, no L x L mask.
         use_segment_attention(reward_model)
         layout = BatchLayout(packing, share_prompt, SEGMENTS)
@@ -110,7 +134,23 @@ def batch_rewards(
     """
     if layout.attention == PADDED:
         return model_or_engine(batch["input_ids"], batch["attention_mask"]).float()
-    if layout.attention == SEGMENTS:
+    if layout.attention == FLEX:
+        segments = batch["segments"].tolist()
+        block_mask = segment_block_mask(segments, batch["input_ids"].shape[1], batch["input_ids"].device)
+        rewards = model_or_engine(
+            batch["input_ids"], block_mask, batch["position_ids"], reward_index=batch["reward_index"]
+        )
+    elif layout.attention == VARLEN:
+        rewards = model_or_engine(
+            batch["input_ids"],
+            torch.ones_like(
+                batch["input_ids"]
+            ),  # no padding: flash attention takes the varlen path from positions
+            batch["position_ids"],
+            reward_index=batch["reward_index"],
+            **varlen_kwargs(batch["segments"].tolist(), batch["input_ids"].device),
+        )
+    elif layout.attention == SEGMENTS:
         rewards = model_or_engine(
             batch["input_ids"],
             torch.ones_like(batch["input_ids"]),  # sdpa_mask turns an all-ones mask into None (no L x L mask)

@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     from model_utils.model_factory import create_critic_model
     from model_utils.tokenizer import load_tokenizer
     from training.checkpointing import TrainState, load_latest_checkpoint
-    from training.ds_config import build_ds_config, resolve_dtype, torch_dtype
+    from training.ds_config import build_ds_config, resolve_attention, resolve_dtype, torch_dtype
     from training.layout import choose_layout
     from training.lora import apply_lora, merge_lora
     from training.metrics import MetricsLog
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(config.seed)
     ds_config = build_ds_config(config, world_size())
+    attn_implementation = resolve_attention(config.attn_implementation)
     model_path = resolve_model_path(config)
     tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
     data = load_data(config, tokenizer)
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
         dtype=torch_dtype(resolve_dtype(config.dtype)),
         trust_remote_code=config.trust_remote_code,
         head_seed=config.seed,
+        attn_implementation=attn_implementation,
     )
     layout = choose_layout(config, reward_model)
     freeze_bottom_layers(reward_model, config.num_frozen_layers)
