@@ -256,9 +256,9 @@ def test_supports_packing_refuses_with_reasons():
     assert supports_packing(tiny_config("bloom"), 512)[0] is False
     assert "ALiBi" in supports_packing(tiny_config("bloom"), 512)[1]
     config = tiny_config("llama")
-    config._attn_implementation = "flash_attention_2"
+    config._attn_implementation = "paged_attention"
     supported, reason = supports_packing(config, 512)
-    assert not supported and "flash attention" in reason and "sdpa" in reason
+    assert not supported and "paged_attention" in reason and "sdpa" in reason
     assert supports_packing(GPT2Config(n_layer=1), 512)[0]
 
 

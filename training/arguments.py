@@ -33,6 +33,14 @@ DEFAULT_RUN = (
     "--dropout", "0.0", "--eval_interval", "50", "--output_dir", "output/default_rm",
 )  # fmt: skip
 LOSS_TYPES = ("pairwise", "dschat")
+ATTENTION_IMPLEMENTATIONS = (
+    "auto",
+    "sdpa",
+    "eager",
+    "flex_attention",
+    "flash_attention_2",
+    "flash_attention_3",
+)
 LISTWISE_LOSSES = ("pairs", "plackett_luce")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 SWITCH = ("auto", "on", "off")
@@ -113,6 +121,15 @@ class TrainConfig:
     )
     trust_remote_code: bool = field(
         default=False, metadata=_help("Allow custom modeling code from the model folder.")
+    )
+    attn_implementation: str = field(
+        default="auto",
+        metadata=_help(
+            "The backbone's attention. auto: transformers' default (sdpa where the architecture has it; packed "
+            "batches then use segment attention); flex_attention (GPU): packing and prompt sharing through one "
+            "BlockMask per micro-batch; flash_attention_2/3 (GPU): packing through the varlen path, no sharing.",
+            choices=ATTENTION_IMPLEMENTATIONS,
+        ),
     )
     num_frozen_layers: int = field(
         default=0, metadata=_help("Freeze the embeddings and the first N transformer layers (0: train all).")

@@ -11,6 +11,11 @@ Layouts (`BatchLayout.attention` says how the backbone is told which token sees 
   all its responses (K branches).
 - `mask`: packing or sharing on an eager backbone (or one that keeps the segment plan from attention), or
   sharing without packing: rows with a block-diagonal 4D mask (`PackedCollator` without segments).
+- `flex`: a flex_attention backbone (`--attn_implementation flex_attention`, GPU): the segment row with a
+  FlexAttention `BlockMask` built once per micro-batch (`packed_attention.segment_block_mask`); packing and prompt
+  sharing with K branches. FlexAttention has no backward on CPU (torch 2.13), so it trains on GPUs only.
+- `varlen`: a flash-attention backbone (GPU): packing only, the segment row with restarted positions and the varlen
+  arguments (`packed_attention.varlen_kwargs`); a shared prompt is not a varlen pattern, so sharing is off there.
 `layout_candidates` lists, from the config alone, the fast layouts `--packing`/`--share_prompt` allow for the
 backbone and the loss (an `on` that a static check refuses is a `ConfigError` naming the reason); the start-up
 probe (`training/probe.py`) keeps the first one whose rewards equal the padded batch's on the model itself.
@@ -25,16 +30,22 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from model_utils.packed_attention import (
+    FLASH_ATTENTIONS,
+    FLEX_ATTENTION,
     backbone_attention_mask,
     plan_segments,
+    segment_block_mask,
     supports_packing,
     supports_segment_attention,
+    varlen_kwargs,
 )
 from training.arguments import TrainConfig
 from training.data.collate import PackedCollator, PaddedCollator
 from training.errors import ConfigError
 
-PADDED, MASK, SEGMENTS = "padded", "mask", "segments"
+PADDED, MASK, SEGMENTS, FLEX, VARLEN = "padded", "mask", "segments", "flex", "varlen"
+# Layouts that lay the whole micro-batch in one unpadded row described by `segments`.
+ONE_ROW = (SEGMENTS, FLEX, VARLEN)
 Collator = PaddedCollator | PackedCollator
 
 
@@ -45,7 +56,7 @@ class BatchLayout:
     Attributes:
         packing: sequences laid end to end without padding, positions restarting per sequence.
         share_prompt: one sequence `prompt + response_1 + ... + response_K` per example.
-        attention: `PADDED`, `MASK` or `SEGMENTS` (see the module docstring).
+        attention: `PADDED`, `MASK`, `SEGMENTS`, `FLEX` or `VARLEN` (see the module docstring).
         max_tokens_per_row: token budget of a `MASK` row when packing (None: one sequence per row).
         reason: why this layout: what the start-up probe measured, or why the fast paths are off.
     """
@@ -68,7 +79,7 @@ class BatchLayout:
             pad_token_id,
             max_tokens_per_row=self.max_tokens_per_row,
             share_prompt=self.share_prompt,
-            segment_attention=self.attention == SEGMENTS,
+            segment_attention=self.attention in ONE_ROW,
         )
 
 
@@ -98,6 +109,16 @@ def layout_candidates(
         for flag in on_flags(config):
             raise ConfigError(f"--{flag} on: {reason}; train with --packing off --share_prompt off")
         return [], reason
+    attention = backbone_config._attn_implementation
+    if attention == FLEX_ATTENTION:  # one BlockMask per micro-batch expresses packing and sharing alike
+        return [BatchLayout(packing, share_prompt, FLEX)], ""
+    if attention in FLASH_ATTENTIONS:
+        why_not_shared = f"{attention}: a shared prompt is not a varlen pattern (use flex_attention or sdpa)"
+        if config.share_prompt == "on":
+            raise ConfigError(f"--share_prompt on: {why_not_shared}")
+        if not packing:
+            return [], why_not_shared
+        return [BatchLayout(True, False, VARLEN, reason=why_not_shared if share_prompt else "")], ""
     candidates = []
     segments, why_not_segments = supports_segment_attention(backbone_config)
     if packing and segments:
@@ -121,7 +142,21 @@ def batch_rewards(
     """
     if layout.attention == PADDED:
         return model_or_engine(batch["input_ids"], batch["attention_mask"]).float()
-    if layout.attention == SEGMENTS:
+    if layout.attention == FLEX:
+        segments = batch["segments"].tolist()
+        block_mask = segment_block_mask(segments, batch["input_ids"].shape[1], batch["input_ids"].device)
+        rewards = model_or_engine(
+            batch["input_ids"], block_mask, batch["position_ids"], reward_index=batch["reward_index"]
+        )
+    elif layout.attention == VARLEN:  # no padding: flash attention takes the varlen path from the positions
+        rewards = model_or_engine(
+            batch["input_ids"],
+            torch.ones_like(batch["input_ids"]),
+            batch["position_ids"],
+            reward_index=batch["reward_index"],
+            **varlen_kwargs(batch["segments"].tolist(), batch["input_ids"].device),
+        )
+    elif layout.attention == SEGMENTS:
         rewards = model_or_engine(
             batch["input_ids"],
             torch.ones_like(batch["input_ids"]),  # sdpa_mask turns an all-ones mask into None (no L x L mask)

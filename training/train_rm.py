@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     from model_utils.model_factory import create_critic_model
     from model_utils.tokenizer import load_tokenizer
     from training.checkpointing import TrainState, load_latest_checkpoint
-    from training.ds_config import build_ds_config, resolve_dtype, torch_dtype
+    from training.ds_config import build_ds_config, resolve_attention, resolve_dtype, torch_dtype
     from training.lora import apply_lora, merge_lora
     from training.metrics import MetricsLog
     from training.probe import choose_layout
@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(config.seed)
     ds_config = build_ds_config(config, world_size())
+    attn_implementation = resolve_attention(config.attn_implementation)
     model_path = resolve_model_path(config)
     check_backbone(config, model_path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         dtype=torch_dtype(resolve_dtype(config.dtype)),
         trust_remote_code=config.trust_remote_code,
         head_seed=config.seed,
+        attn_implementation=attn_implementation,
     )
     freeze_bottom_layers(reward_model, config.num_frozen_layers)
     torch.manual_seed(config.seed)  # LoRA's initialisation must not depend on how the backbone was built
