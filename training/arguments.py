@@ -74,6 +74,13 @@ class TrainConfig:
     max_seq_len: int = field(
         default=512, metadata=_help("Longest prompt + response in tokens (prompt cut left).")
     )
+    allow_prompt_truncation: bool = field(
+        default=False,
+        metadata=_help(
+            "Train even when max_seq_len leaves more than 5% of the prompts only their first token "
+            "(refused otherwise)."
+        ),
+    )
 
     # Model
     model_name_or_path: str = field(
@@ -182,6 +189,13 @@ class TrainConfig:
     save_interval: int = field(default=0, metadata=_help("DeepSpeed checkpoint every N steps (0: none)."))
     keep_checkpoints: int = field(default=2, metadata=_help("How many checkpoints to keep."))
     resume: bool = field(default=False, metadata=_help("Continue from the latest checkpoint in output_dir."))
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata=_help(
+            "Start over in an output_dir that holds an earlier run's checkpoints: remove them first "
+            "(without it, or --resume, such a run stops before loading anything)."
+        ),
+    )
     eval_interval: int = field(default=0, metadata=_help("Evaluate every N steps (0: only at the end)."))
     logging_steps: int = field(default=1, metadata=_help("Write a training record every N steps."))
     enable_tensorboard: bool = field(default=False, metadata=_help("Also log to TensorBoard."))
@@ -223,6 +237,10 @@ class TrainConfig:
             problems.append("--dropout must be in [0, 1)")
         if self.only_optimize_lora and self.lora_dim == 0:
             problems.append("--only_optimize_lora needs --lora_dim > 0")
+        if self.resume and self.overwrite_output_dir:
+            problems.append(
+                "--resume continues the checkpoints that --overwrite_output_dir removes: give one"
+            )
         if self.keep_checkpoints < 1:
             problems.append("--keep_checkpoints must be at least 1")
         if self.deepspeed_config is not None and not os.path.isfile(self.deepspeed_config):

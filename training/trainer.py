@@ -1,9 +1,11 @@
 """The training loop and evaluation.
 
 `train()` is one function in a fixed order per optimizer step: next epoch if due -> forward and backward each
-micro-batch -> step bookkeeping -> log -> evaluate -> checkpoint. `run_evaluation()` is its own function. The
-data order is a pure function of (seed, epoch, rank) (`sampling.py`), and the position in it is part of every
-checkpoint (`checkpointing.py`), so a resumed run trains exactly the pairs an uninterrupted run would have.
+micro-batch -> step bookkeeping -> log -> evaluate -> checkpoint -> stop if a signal asked (`preemption.py`).
+`run_evaluation()` is its own function. The data order is a pure function of (seed, epoch, pairs per step)
+(`sampling.py`), and the position in it (optimizer steps done in the epoch) is part of every checkpoint
+(`checkpointing.py`), so a resumed run trains exactly the pairs an uninterrupted run would have, on any number
+of processes.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from training.errors import TrainingError
 from training.layout import BatchLayout, Collator, batch_rewards
 from training.losses import center_rewards_loss, divergence_span_loss, pairwise_loss
 from training.metrics import MetricsLog, mean_over_ranks, reward_statistics
+from training.preemption import stop_if_requested
 from training.sampling import epoch_batches
 
 
@@ -104,14 +107,6 @@ def run_evaluation(
     return reward_statistics(all_chosen, all_rejected)
 
 
-def data_order(num_pairs: int, config: TrainConfig, ranks: int) -> str:
-    """What the epoch order and a rank's position in it depend on (saved with each checkpoint)."""
-    return (
-        f"pairs={num_pairs} seed={config.seed} micro_batch={config.per_device_train_batch_size} "
-        f"accumulation={config.gradient_accumulation_steps} ranks={ranks} group_by_length={config.group_by_length}"
-    )
-
-
 def train(
     engine,
     train_pairs: Sequence[dict],
@@ -123,16 +118,11 @@ def train(
     metrics: MetricsLog,
     last_step: int,
 ) -> TrainState:
-    """Train until optimizer step `last_step` (`sampling.total_steps`); returns the final state."""
+    """Train from `state` (fresh, or as a checkpoint left it) until optimizer step `last_step`
+    (`sampling.total_steps`); returns the final state. Raises `preemption.RunStopped` after saving when a stop
+    signal arrived."""
     ranks, this_rank = world_size(), rank()
     accumulation = config.gradient_accumulation_steps
-    order = data_order(len(train_pairs), config, ranks)
-    if state.data_order and state.data_order != order:
-        raise TrainingError(
-            f"cannot resume: the checkpoint's data order ({state.data_order}) differs from this run's "
-            f"({order}); resume with the same data and flags, or start a new --output_dir"
-        )
-    state.data_order = order
     # Tokens a pair costs unpacked (the prompt twice); what --group_by_length sorts by.
     lengths = (
         [sum(pair_sequence_lengths(pair, False)) for pair in train_pairs] if config.group_by_length else None
@@ -156,28 +146,30 @@ def train(
     batches = batches_of(state.epoch)
     engine.train()
     start_time = time.time()
+    saved_step = state.global_step if state.global_step else None  # a resumed run starts from a checkpoint
+    stop_if_requested(engine, state, config, saved_step)  # a signal while the model was built
     while state.global_step < last_step:
-        # next epoch, when this one's micro-batches are all done
-        if state.batches_done_in_epoch == len(batches):
+        # next epoch, when this one's steps are all done
+        if state.steps_done_in_epoch * accumulation == len(batches):
             state.epoch += 1
-            state.batches_done_in_epoch = 0
+            state.steps_done_in_epoch = 0
             batches = batches_of(state.epoch)
 
         # forward and backward each micro-batch; DeepSpeed updates the weights after the last one
         losses, accuracies = [], []
-        for _micro_step in range(accumulation):
-            indices = batches[state.batches_done_in_epoch]
+        for micro_step in range(accumulation):
+            indices = batches[state.steps_done_in_epoch * accumulation + micro_step]
             batch = to_device(collator([train_pairs[i] for i in indices]), engine.device)
             loss, chosen_rewards, rejected_rewards = compute_loss(engine, batch, layout, config)
             check_finite("loss", loss, state.global_step + 1, config)
             engine.backward(loss)
             engine.step()
-            state.batches_done_in_epoch += 1
             losses.append(loss.detach())
             accuracies.append((chosen_rewards > rejected_rewards).float().mean())
 
         # the step is done
         state.global_step += 1
+        state.steps_done_in_epoch += 1
         state.pairs_seen += config.per_device_train_batch_size * accumulation * ranks
         gradient_norm = engine.get_global_grad_norm()
         if gradient_norm is not None:
@@ -186,7 +178,7 @@ def train(
         progress.update(1)
         progress.set_postfix(loss=f"{mean_loss:.4f}")
 
-        # log, evaluate, checkpoint
+        # log, evaluate, checkpoint, stop if a signal asked
         if state.global_step % config.logging_steps == 0 or state.global_step == last_step:
             metrics.write(
                 {
@@ -208,5 +200,7 @@ def train(
             metrics.write({"step": state.global_step, **{f"eval_{k}": v for k, v in results.items()}})
         if config.save_interval and state.global_step % config.save_interval == 0:
             save_checkpoint(engine, state, config)
+            saved_step = state.global_step
+        stop_if_requested(engine, state, config, saved_step)
     progress.close()
     return state

@@ -122,7 +122,8 @@ def tokenize_rows(
     Returns:
         pairs `{"prompt_ids", "chosen_ids", "rejected_ids", "margin"}` with
         `len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) <= max_seq_len`, and counts
-        `{"truncated_rows": n, "truncated_responses": n}`.
+        `{"truncated_rows": n, "truncated_responses": n, "prompts_cut_to_first_token": n}` (the last: prompts
+        of two or more tokens that kept at most one).
     """
     _check_tokenizer(tokenizer, max_seq_len)
     if not rows:
@@ -132,7 +133,7 @@ def tokenize_rows(
         "input_ids"
     ]
     bos_token_id, eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    pairs, counts = [], Counter(truncated_rows=0, truncated_responses=0)
+    pairs, counts = [], Counter(truncated_rows=0, truncated_responses=0, prompts_cut_to_first_token=0)
     for row, chosen_full, rejected_full in zip(rows, encoded[0::2], encoded[1::2], strict=True):
         full = [finish_sequence(ids, bos_token_id, eos_token_id) for ids in (chosen_full, rejected_full)]
         shared = shared_prefix_length(full)
@@ -143,6 +144,7 @@ def tokenize_rows(
             )
             counts["truncated_rows"] += 1
             counts["truncated_responses"] += response_cut
+            counts["prompts_cut_to_first_token"] += len(prompt_ids) <= 1 < shared
         chosen_ids, rejected_ids = responses
         pairs.append(
             {

@@ -1,0 +1,94 @@
+"""Stopping on a scheduler's signal without losing a step.
+
+SIGTERM (SLURM at preemption and at the time limit, Kubernetes, preemptible VMs), SIGINT (Ctrl-C) and SIGUSR1
+(SLURM `--signal=USR1@<seconds>`) only set a flag (`install_stop_handlers`, first thing in `train_rm.cli`). At
+the next optimizer-step boundary every rank agrees (`stop_requested`: one all-reduce of the flag, so a signal that
+reached one rank stops them all at the same step), a complete checkpoint is written (`save_checkpoint`, atomic as
+always; not again when that step was just saved), and `RunStopped` ends the run: `train_rm.cli` prints
+
+    stopped by SIGTERM at step 12; checkpoint step_12 written; continue with --resume
+
+and exits with `exit_status`: 128 + the signal number (143 TERM, 130 INT, 138 USR1), what a shell reports for a
+process those signals ended, so job scripts that already treat 143 as "terminated by the scheduler" keep working;
+unlike a killed process, this one has saved first. A signal before the first step (while data and model load)
+stops the run the same way without a checkpoint: nothing was trained.
+
+A repeated signal changes nothing (schedulers signal every process of a job and launchers forward the signal as
+well, so a rank often gets it twice): the first one is kept and a save in progress runs to its end. A signal after
+the last step (during the final evaluation and save) lets the run finish: the model is saved and the exit status
+is 0, as nothing is left to resume.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+
+from training.arguments import TrainConfig
+from training.checkpointing import TrainState, save_checkpoint
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+_received: list[int] = []  # the first stop signal this process received
+
+
+class RunStopped(Exception):
+    """A stop signal ended the run at a step boundary, after saving (`checkpoint` None: nothing to save)."""
+
+    def __init__(self, signal_number: int, step: int, checkpoint: str | None) -> None:
+        self.signal_number, self.step, self.checkpoint = signal_number, step, checkpoint
+        name = signal.Signals(signal_number).name
+        if checkpoint is None:
+            done = f"before the first step; nothing to save; start it again{' with --resume' if step else ''}"
+            super().__init__(f"stopped by {name} {done}")
+        else:
+            super().__init__(
+                f"stopped by {name} at step {step}; checkpoint {checkpoint} written; continue with --resume"
+            )
+
+
+def exit_status(signal_number: int) -> int:
+    """128 + the signal number: 143 for SIGTERM, 130 for SIGINT, 138 for SIGUSR1."""
+    return 128 + signal_number
+
+
+def _request_stop(signal_number: int, frame) -> None:
+    if not _received:
+        _received.append(signal_number)
+        # os.write: safe inside a signal handler (print may be interrupted mid-write by this very handler).
+        message = f"received {signal.Signals(signal_number).name}: stopping at the next step boundary\n"
+        os.write(2, message.encode())
+
+
+def install_stop_handlers() -> None:
+    """Turn SIGTERM, SIGINT and SIGUSR1 into a stop request (main thread only, as Python requires)."""
+    for signal_number in STOP_SIGNALS:
+        signal.signal(signal_number, _request_stop)
+
+
+def received_signal() -> int | None:
+    """The first stop signal this process received, if any (local: no collective)."""
+    return _received[0] if _received else None
+
+
+def stop_requested() -> int | None:
+    """The stop signal any rank received, or None; the same answer on every rank. Collective."""
+    flag = torch.tensor([received_signal() or 0])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item()) or None
+
+
+def stop_if_requested(engine, state: TrainState, config: TrainConfig, saved_step: int | None) -> None:
+    """At a step boundary: when any rank was signalled, save (unless step `saved_step` is this one, or nothing
+    was trained) and raise `RunStopped`. Collective."""
+    signal_number = stop_requested()
+    if signal_number is None:
+        return
+    checkpoint = None
+    if saved_step == state.global_step:
+        checkpoint = f"step_{state.global_step}"
+    elif state.global_step > 0 and engine is not None:
+        checkpoint = save_checkpoint(engine, state, config)
+    raise RunStopped(signal_number, state.global_step, checkpoint)
