@@ -107,10 +107,16 @@ def build_optimizer(reward_model, config: TrainConfig, ds_config: dict):
     A client `torch.optim.AdamW` everywhere (DeepSpeed's CPU builds of its own Adam were seen to abort at
     exit); with optimizer offload on a GPU, DeepSpeedCPUAdam, which is what offload is for.
     """
-    trainable = [(name, p) for name, p in reward_model.named_parameters() if p.requires_grad]
+    trainable = [p for p in reward_model.parameters() if p.requires_grad]
+
+    def is_matrix(parameter: torch.nn.Parameter) -> bool:
+        # Under ZeRO-3 a parameter's own tensor is a flat shard: its full shape (`ds_shape`) decides, or every
+        # partitioned weight would land in the group without decay.
+        return len(getattr(parameter, "ds_shape", parameter.shape)) >= 2
+
     groups = [
-        {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in trainable if is_matrix(p)], "weight_decay": config.weight_decay},
+        {"params": [p for p in trainable if not is_matrix(p)], "weight_decay": 0.0},
     ]
     groups = [group for group in groups if group["params"]]
     offloaded = "offload_optimizer" in ds_config.get("zero_optimization", {})
