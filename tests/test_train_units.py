@@ -256,15 +256,25 @@ def test_group_by_length_gives_each_step_similar_lengths_on_every_rank():
     assert spread(side_by_side) < spread(shuffled) / 4
 
 
-SPLITS = [(1, 16, 1), (2, 4, 2), (2, 8, 1), (4, 2, 2), (1, 4, 4)]  # ranks, micro-batch, accumulation: 16 per step
+SPLITS = [
+    (1, 16, 1),
+    (2, 4, 2),
+    (2, 8, 1),
+    (4, 2, 2),
+    (1, 4, 4),
+]  # ranks, micro-batch, accumulation: 16 per step
 
 
 def step_pairs(num_pairs, epoch, ranks, micro, accumulation, lengths=None):
     """The pairs of each optimizer step (over all ranks), as sorted lists."""
-    per_rank = [epoch_batches(num_pairs, epoch, 7, micro, accumulation, r, ranks, lengths) for r in range(ranks)]
+    per_rank = [
+        epoch_batches(num_pairs, epoch, 7, micro, accumulation, r, ranks, lengths) for r in range(ranks)
+    ]
     steps = len(per_rank[0]) // accumulation
     return [
-        sorted(i for batches in per_rank for b in batches[s * accumulation : (s + 1) * accumulation] for i in b)
+        sorted(
+            i for batches in per_rank for b in batches[s * accumulation : (s + 1) * accumulation] for i in b
+        )
         for s in range(steps)
     ]
 
@@ -284,7 +294,9 @@ def test_every_split_of_a_step_trains_the_same_pairs_and_has_one_data_order(grou
         for r, m, a in SPLITS
     }
     assert len(orders) == 1
-    assert data_order(203, TrainConfig(per_device_train_batch_size=8), 1) not in orders  # another global batch
+    assert (
+        data_order(203, TrainConfig(per_device_train_batch_size=8), 1) not in orders
+    )  # another global batch
 
 
 def test_resume_refuses_another_data_order_naming_both():
@@ -292,7 +304,9 @@ def test_resume_refuses_another_data_order_naming_both():
     check_same_data_order(saved, saved, "out/checkpoints/step_3")
     check_same_data_order("", saved, "out/checkpoints/step_3")  # not recorded: nothing to compare
     grouped = data_order(40, TrainConfig(per_device_train_batch_size=4, group_by_length=True), ranks=1)
-    with pytest.raises(ConfigError, match="cannot resume out/checkpoints/step_3.*group_by_length=False.*True"):
+    with pytest.raises(
+        ConfigError, match="cannot resume out/checkpoints/step_3.*group_by_length=False.*True"
+    ):
         check_same_data_order(saved, grouped, "out/checkpoints/step_3")
 
 

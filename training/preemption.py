@@ -10,8 +10,9 @@ always; not again when that step was just saved), and `RunStopped` ends the run:
 
 and exits with `exit_status`: 128 + the signal number (143 TERM, 130 INT, 138 USR1), what a shell reports for a
 process those signals ended, so job scripts that already treat 143 as "terminated by the scheduler" keep working;
-unlike a killed process, this one has saved first. A signal before the first step (while data and model load)
-stops the run the same way without a checkpoint: nothing was trained.
+unlike a killed process, this one has saved first. A signal while the data loads ends the run before the model
+is built, without a checkpoint (`stop_before_training`: nothing was trained); one while the model is built, at the
+first step boundary.
 
 A repeated signal changes nothing (schedulers signal every process of a job and launchers forward the signal as
 well, so a rank often gets it twice): the first one is kept and a save in progress runs to its end. A signal after
@@ -27,25 +28,18 @@ import signal
 import torch
 
 from training.arguments import TrainConfig
-from training.checkpointing import TrainState, save_checkpoint
+from training.checkpointing import CHECKPOINT_PREFIX, Checkpoint, TrainState, save_checkpoint
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 _received: list[int] = []  # the first stop signal this process received
 
 
 class RunStopped(Exception):
-    """A stop signal ended the run at a step boundary, after saving (`checkpoint` None: nothing to save)."""
+    """A stop signal ended the run; the message says at which step and what was saved."""
 
-    def __init__(self, signal_number: int, step: int, checkpoint: str | None) -> None:
-        self.signal_number, self.step, self.checkpoint = signal_number, step, checkpoint
-        name = signal.Signals(signal_number).name
-        if checkpoint is None:
-            done = f"before the first step; nothing to save; start it again{' with --resume' if step else ''}"
-            super().__init__(f"stopped by {name} {done}")
-        else:
-            super().__init__(
-                f"stopped by {name} at step {step}; checkpoint {checkpoint} written; continue with --resume"
-            )
+    def __init__(self, signal_number: int, what: str) -> None:
+        self.signal_number = signal_number
+        super().__init__(f"stopped by {signal.Signals(signal_number).name} {what}")
 
 
 def exit_status(signal_number: int) -> int:
@@ -80,15 +74,29 @@ def stop_requested() -> int | None:
     return int(flag.item()) or None
 
 
-def stop_if_requested(engine, state: TrainState, config: TrainConfig, saved_step: int | None) -> None:
-    """At a step boundary: when any rank was signalled, save (unless step `saved_step` is this one, or nothing
-    was trained) and raise `RunStopped`. Collective."""
+def stop_before_training(checkpoint: Checkpoint | None) -> None:
+    """While data and model load: a stop request ends the run at once, as nothing was trained since `checkpoint`
+    (None: a fresh run). Collective."""
     signal_number = stop_requested()
     if signal_number is None:
         return
-    checkpoint = None
-    if saved_step == state.global_step:
-        checkpoint = f"step_{state.global_step}"
-    elif state.global_step > 0 and engine is not None:
-        checkpoint = save_checkpoint(engine, state, config)
-    raise RunStopped(signal_number, state.global_step, checkpoint)
+    if checkpoint is None:
+        raise RunStopped(signal_number, "before the first step; nothing to save; start it again")
+    raise RunStopped(
+        signal_number,
+        f"before training on from {checkpoint.tag}; nothing new to save; continue with --resume",
+    )
+
+
+def stop_if_requested(engine, state: TrainState, config: TrainConfig, saved_step: int) -> None:
+    """At a step boundary: when any rank was signalled, save (unless step `saved_step` is this one) and raise
+    `RunStopped`. Collective."""
+    signal_number = stop_requested()
+    if signal_number is None:
+        return
+    tag = f"{CHECKPOINT_PREFIX}{state.global_step}"
+    if saved_step != state.global_step:
+        tag = save_checkpoint(engine, state, config)
+    raise RunStopped(
+        signal_number, f"at step {state.global_step}; checkpoint {tag} written; continue with --resume"
+    )

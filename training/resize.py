@@ -43,6 +43,18 @@ logger = logging.getLogger(__name__)
 
 UNIVERSAL_DIR = "universal"
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+# What the restore touches inside DeepSpeed's ZeRO optimizers beyond its public `safe_set_*` functions (as in
+# DeepSpeed 0.19.8, where it was tested); another version without them is refused with the reason.
+ZERO_INTERNALS = {
+    1: ("single_partition_of_fp32_groups", "update_lp_params", "_lazy_init_hp_params_optimizer_state"),
+    2: ("single_partition_of_fp32_groups", "update_lp_params", "_lazy_init_hp_params_optimizer_state"),
+    3: (
+        "fp32_partitioned_groups_flat",
+        "fp16_partitioned_groups_flat",
+        "fp16_partitioned_groups",
+        "unflatten",
+    ),
+}
 
 
 def check_topology(checkpoint: Checkpoint, ranks: int, zero_stage: int) -> None:
@@ -184,7 +196,7 @@ def prepare_optimizer_state(engine, step: torch.Tensor, saved_groups: list[dict]
         for key in ADAM_MOMENTS:
             if key not in state:
                 state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO 1/2
+    if engine.zero_optimization_stage() in (1, 2):
         engine.optimizer._hp_optimizer_states_linked = False
         engine.optimizer._lazy_init_hp_params_optimizer_state()
 
@@ -225,8 +237,17 @@ def load_resized(engine, checkpoint: Checkpoint) -> None:
     Raises:
         CheckpointError: the conversion failed, or the checkpoint's parameters are not this model's.
     """
+    import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+    stage = engine.zero_optimization_stage()
+    missing_internals = [name for name in ZERO_INTERNALS[stage] if not hasattr(engine.optimizer, name)]
+    if missing_internals:
+        raise CheckpointError(
+            f"{checkpoint.path}: resuming it under ZeRO-{stage} on {world_size()} processes needs DeepSpeed "
+            f"internals that deepspeed {deepspeed.__version__} lacks ({', '.join(missing_internals)}; tested with "
+            f"0.19.8); resume on {checkpoint.world_size} processes under ZeRO-{checkpoint.zero_stage}"
+        )
     zero_dir = os.path.join(universal_folder(checkpoint), "zero")
     states = model_states(checkpoint)
     named = list(engine.module.named_parameters())

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     from training.layout import choose_layout
     from training.lora import apply_lora, merge_lora
     from training.metrics import MetricsLog
-    from training.preemption import stop_if_requested
+    from training.preemption import stop_before_training
     from training.resize import check_topology
     from training.sampling import check_same_data_order, data_order, total_steps
     from training.trainer import run_evaluation, train
@@ -189,10 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
     report_data(data)
     check_prompt_truncation(data.stats, config)
     order = data_order(len(data.train), config, world_size())
-    resumed_step = resume_from.state.global_step if resume_from and resume_from.state else 0
     if resume_from and resume_from.state:  # before the model loads (older checkpoints: after)
         check_same_data_order(resume_from.state.data_order, order, resume_from.path)
-    stop_if_requested(None, TrainState(global_step=resumed_step), config, resumed_step or None)
+    stop_before_training(resume_from)  # a signal while the data loaded
 
     reward_model = create_critic_model(
         model_path,

@@ -146,8 +146,7 @@ def train(
     batches = batches_of(state.epoch)
     engine.train()
     start_time = time.time()
-    saved_step = state.global_step if state.global_step else None  # a resumed run starts from a checkpoint
-    stop_if_requested(engine, state, config, saved_step)  # a signal while the model was built
+    saved_step = state.global_step  # a resumed run starts from its checkpoint
     while state.global_step < last_step:
         # next epoch, when this one's steps are all done
         if state.steps_done_in_epoch * accumulation == len(batches):
