@@ -10,7 +10,7 @@
     trainer.py        the loop and evaluation
     preemption.py     SIGTERM/SIGINT/SIGUSR1: checkpoint at the next step boundary, exit 128 + signal
     checkpointing.py  engine checkpoints for --resume (atomic; train_state.json; pruning by run)
-    resize.py         resume on another world size or ZeRO stage (universal conversion, per-parameter restore)
+    resume.py         --resume on any world size and ZeRO stage (universal conversion, per-parameter restore)
     metrics.py        reward statistics, metrics.jsonl, TensorBoard
     lora.py           LoRA through PEFT
     train_rm.py       python -m training.train_rm: the recipe, top to bottom

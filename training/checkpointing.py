@@ -9,9 +9,8 @@ renames the folder into place, replaces `latest` atomically, then removes this r
 `--keep_checkpoints` (never the one `latest` names, never another run's). A kill at any moment leaves `latest`
 naming a complete checkpoint (or no `latest` at all).
 
-A checkpoint resumes on the world size and ZeRO stage that wrote it through DeepSpeed's own loader; on another
-world size or ZeRO stage through `training/resize.py`. The position in the data is global (optimizer steps done in
-the epoch), so either way the run continues with the pairs an uninterrupted run would train next.
+`training/resume.py` restores them, on any world size and ZeRO stage: the position in the data is global
+(optimizer steps done in the epoch), so the run continues with the pairs an uninterrupted run would train next.
 """
 
 from __future__ import annotations
@@ -27,10 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from model_utils.checkpoint.names import LATEST_FILE
-from model_utils.checkpoint.zero import weights_only_loads
 from model_utils.distributed import rank
 from training.arguments import TrainConfig
-from training.errors import ConfigError, TrainingError
+from training.errors import ConfigError
 
 CHECKPOINT_PREFIX = "step_"
 TEMPORARY_PREFIX = ".incomplete_"
@@ -223,23 +221,3 @@ def remove_checkpoints(config: TrainConfig) -> None:
         logger.warning("--overwrite_output_dir: removing %s", config.checkpoint_dir)
         shutil.rmtree(config.checkpoint_dir)
     barrier()
-
-
-def load_checkpoint(engine, checkpoint: Checkpoint) -> TrainState:
-    """Restore `checkpoint` into `engine`: DeepSpeed's loader when this world size and ZeRO stage wrote it,
-    else `resize.load_resized` (another world size or ZeRO stage). Collective."""
-    from training.resize import load_resized, needs_resize
-
-    if needs_resize(engine, checkpoint):
-        load_resized(engine, checkpoint)
-        return checkpoint.state
-    checkpoint_dir, tag = os.path.split(checkpoint.path)
-    with weights_only_loads():  # a checkpoint from elsewhere must not run code on load
-        path, client_state = engine.load_checkpoint(checkpoint_dir, tag=tag)
-    if path is None:
-        raise TrainingError(f"{checkpoint.path}: not a complete DeepSpeed checkpoint")
-    if checkpoint.state is not None:
-        return checkpoint.state
-    if "train_state" not in (client_state or {}):
-        raise TrainingError(f"{checkpoint.path}: not a complete rewardspeed checkpoint")
-    return TrainState.from_saved(client_state["train_state"])

@@ -161,19 +161,13 @@ def main(argv: list[str] | None = None) -> dict:
     from model_utils.checkpoint.save import save_reward_model
     from model_utils.model_factory import create_critic_model
     from model_utils.tokenizer import load_tokenizer
-    from training.checkpointing import (
-        TrainState,
-        latest_checkpoint,
-        load_checkpoint,
-        new_run_id,
-        remove_checkpoints,
-    )
+    from training.checkpointing import TrainState, latest_checkpoint, new_run_id, remove_checkpoints
     from training.ds_config import build_ds_config, resolve_dtype, torch_dtype
     from training.layout import choose_layout
     from training.lora import apply_lora, merge_lora
     from training.metrics import MetricsLog
     from training.preemption import stop_before_training
-    from training.resize import check_topology
+    from training.resume import check_topology, resume_from_checkpoint
     from training.sampling import check_same_data_order, data_order, total_steps
     from training.trainer import run_evaluation, train
 
@@ -218,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     if resume_from is not None:
-        state = load_checkpoint(engine, resume_from)
+        state = resume_from_checkpoint(engine, resume_from)
         check_same_data_order(state.data_order, order, resume_from.path)
         logger.info("resuming at step %d from %s", state.global_step, resume_from.path)
     else:

@@ -1,7 +1,8 @@
-"""Resume a checkpoint on another world size or ZeRO stage (a job handed back fewer or more nodes).
+"""`--resume`: restore a checkpoint on any world size and ZeRO stage (a job handed back fewer or more nodes).
 
-DeepSpeed's own loader needs the world size and ZeRO stage that wrote a ZeRO 1-3 checkpoint: the optimizer state
-is partitioned over the ranks. For another world size or stage (1, 2 and 3 in any direction):
+On the world size and ZeRO stage that wrote it, DeepSpeed's own loader restores a checkpoint. That loader needs
+them for a ZeRO 1-3 checkpoint, whose optimizer state is partitioned over the ranks; for another world size or
+stage (1, 2 and 3 in any direction):
 
 1. rank 0 converts the checkpoint once with DeepSpeed's universal-checkpoint converter
    (`deepspeed.checkpoint.ds_to_universal`) into `<checkpoint>/universal/zero/<parameter name>/` holding that
@@ -36,8 +37,8 @@ import torch
 from model_utils.checkpoint.errors import CheckpointError
 from model_utils.checkpoint.zero import is_partitioned, weights_only_loads
 from model_utils.distributed import rank, world_size
-from training.checkpointing import Checkpoint, barrier
-from training.errors import ConfigError
+from training.checkpointing import Checkpoint, TrainState, barrier
+from training.errors import ConfigError, TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,24 @@ def needs_resize(engine, checkpoint: Checkpoint) -> bool:
     stage = engine.zero_optimization_stage()
     check_topology(checkpoint, world_size(), stage)
     return stage != 0 and (checkpoint.world_size, checkpoint.zero_stage) != (world_size(), stage)
+
+
+def resume_from_checkpoint(engine, checkpoint: Checkpoint) -> TrainState:
+    """Restore `checkpoint` into `engine` and return where the run was: DeepSpeed's loader when this world size
+    and ZeRO stage (or ZeRO-0 on any world size) wrote it, else `load_resized`. Collective."""
+    if needs_resize(engine, checkpoint):
+        load_resized(engine, checkpoint)
+        return checkpoint.state
+    checkpoint_dir, tag = os.path.split(checkpoint.path)
+    with weights_only_loads():  # a checkpoint from elsewhere must not run code on load
+        path, client_state = engine.load_checkpoint(checkpoint_dir, tag=tag)
+    if path is None:
+        raise TrainingError(f"{checkpoint.path}: not a complete DeepSpeed checkpoint")
+    if checkpoint.state is not None:
+        return checkpoint.state
+    if "train_state" not in (client_state or {}):
+        raise TrainingError(f"{checkpoint.path}: not a complete rewardspeed checkpoint")
+    return TrainState.from_saved(client_state["train_state"])
 
 
 def universal_folder(checkpoint: Checkpoint) -> str:
