@@ -98,6 +98,14 @@ def test_bad_flags_exit_2_naming_the_flag(flags, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_resume_alone_continues_the_embedded_default_run():
+    """`launch/train_rm.sh --resume` after a stop signal must continue the default run, not start another."""
+    resumed = parse_args(["--resume", "--local_rank=0"])
+    assert resumed.resume and resumed.output_dir == "output/default_rm" and resumed.max_steps == 150
+    assert parse_args(["--overwrite_output_dir"]).output_dir == "output/default_rm"
+    assert parse_args(["--resume", "--seed", "3"]).output_dir == "output/reward_model"  # another run
+
+
 def test_config_is_frozen():
     config = parse_args([])
     with pytest.raises(AttributeError):

@@ -31,6 +31,9 @@ DEFAULT_RUN = (
     "--learning_rate", "1e-4", "--num_warmup_steps", "10", "--max_steps", "150", "--lr_scheduler_type", "cosine",
     "--dropout", "0.0", "--eval_interval", "50", "--output_dir", "output/default_rm",
 )  # fmt: skip
+# Flags that say how a run starts, not which run: with only these (`launch/train_rm.sh --resume` after a stop
+# signal) the run is still the embedded default.
+RUN_CONTROL_FLAGS = ("--local_rank", "--resume", "--overwrite_output_dir")
 LOSS_TYPES = ("pairwise", "dschat")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 SWITCH = ("auto", "on", "off")
@@ -295,10 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse and validate; a bad combination exits with status 2 and a message naming the flags.
 
-    No arguments (but the launcher's `--local_rank`) means the embedded default run, `DEFAULT_RUN`.
+    No arguments (but the launcher's `--local_rank`, `--resume` or `--overwrite_output_dir`) means the embedded
+    default run, `DEFAULT_RUN`.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if all(argument.startswith("--local_rank") for argument in argv):
+    if all(argument.startswith(RUN_CONTROL_FLAGS) for argument in argv):
         argv = [*DEFAULT_RUN, *argv]
     parser = build_parser()
     namespace = parser.parse_args(argv)

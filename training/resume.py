@@ -15,7 +15,8 @@ stage (1, 2 and 3 in any direction):
 
 DeepSpeed's own universal loading (`"checkpoint": {"load_universal": true}`) is not used: with DeepSpeed 0.19.8 on
 CPU it failed between ZeRO 1/2 and 3 (bare AssertionErrors), and under ZeRO-3 it gave every parameter group the
-first group's hyperparameters (weight decay on biases and norms), so later losses drifted.
+first group's hyperparameters (weight decay on biases and norms) and one shared step tensor (fused AdamW counts it
+up once per group), so later losses drifted.
 
 A ZeRO-0 checkpoint is one file with the full optimizer state: DeepSpeed's own loader resumes it on any world
 size. Between ZeRO-0 and ZeRO 1-3 (a different optimizer state layout) the resume is refused with the reason.
@@ -211,7 +212,7 @@ def prepare_optimizer_state(engine, step: torch.Tensor, saved_groups: list[dict]
     ]
     for flat in flats:
         state = optimizer.state[flat]
-        state["step"] = step.clone().to(flat.device)
+        state["step"] = step.clone().to(flat.device)  # its own tensor: fused AdamW counts it up in place
         for key in ADAM_MOMENTS:
             if key not in state:
                 state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
