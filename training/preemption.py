@@ -27,6 +27,7 @@ import signal
 
 import torch
 
+from model_utils.distributed import device
 from training.arguments import TrainConfig
 from training.checkpointing import CHECKPOINT_PREFIX, Checkpoint, TrainState, save_checkpoint
 
@@ -68,7 +69,7 @@ def received_signal() -> int | None:
 
 def stop_requested() -> int | None:
     """The stop signal any rank received, or None; the same answer on every rank. Collective."""
-    flag = torch.tensor([received_signal() or 0])
+    flag = torch.tensor([received_signal() or 0], device=device())  # NCCL reduces only GPU tensors
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return int(flag.item()) or None

@@ -62,7 +62,8 @@ def check_finite(what: str, value: torch.Tensor, step: int, config: TrainConfig)
     Checked before the optimizer step, so a non-finite loss never reaches the weights; checkpoints on disk
     are those of earlier steps and stay as they are.
     """
-    bad = torch.tensor([0.0 if torch.isfinite(value.detach()).all() else 1.0])
+    # On the value's device: NCCL reduces only GPU tensors.
+    bad = torch.tensor([0.0 if torch.isfinite(value.detach()).all() else 1.0], device=value.device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(bad)
     if bad.item() > 0:
@@ -172,7 +173,8 @@ def train(
         state.pairs_seen += config.per_device_train_batch_size * accumulation * ranks
         gradient_norm = engine.get_global_grad_norm()
         if gradient_norm is not None:
-            check_finite("gradient norm", torch.tensor(float(gradient_norm)), state.global_step, config)
+            norm = torch.tensor(float(gradient_norm), device=engine.device)  # NCCL reduces only GPU tensors
+            check_finite("gradient norm", norm, state.global_step, config)
         mean_loss = mean_over_ranks(torch.stack(losses).mean())
         progress.update(1)
         progress.set_postfix(loss=f"{mean_loss:.4f}")
