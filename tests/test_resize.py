@@ -147,3 +147,37 @@ def test_what_cannot_resume_is_refused_before_anything_loads(
     assert message in result.stderr
     assert "Loading weights" not in result.stderr  # refused before the model loads
     assert sorted(os.listdir(os.path.join(output, "checkpoints"))) == before
+
+
+class CodeExecution:
+    """Unpickling this calls `os.mkdir(marker)`: the stand-in for code planted in a checkpoint."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_code_planted_in_a_checkpoint_never_runs_when_it_is_converted(setup, zero2_two_processes, tmp_path):
+    """DeepSpeed's converter unpickles with weights_only=False; the resume runs it weights-only."""
+    model, data = setup
+    output = str(tmp_path / "planted")
+    rewind(zero2_two_processes, output, 4)
+    optimizer_file = os.path.join(
+        output, "checkpoints", "step_4", "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    )
+    marker = tmp_path / "code_ran"
+    state = torch.load(optimizer_file, weights_only=False)  # our own file
+    torch.save({**state, "planted": CodeExecution(str(marker))}, optimizer_file)
+    result = run_command(
+        [
+            sys.executable,
+            *train_rm_args(model, data, output, *FLAGS, *ONE_PROCESS, "--zero_stage", "2", "--resume"),
+        ],
+        check=False,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "DeepSpeed's universal-checkpoint conversion failed" in result.stderr
+    assert "weights-only unpickler refused it" in result.stderr
+    assert not marker.exists()

@@ -35,7 +35,7 @@ from types import SimpleNamespace
 
 import torch
 
-from model_utils.checkpoint.errors import CheckpointError
+from model_utils.checkpoint.errors import CheckpointError, one_line
 from model_utils.checkpoint.zero import is_partitioned, weights_only_loads
 from model_utils.distributed import rank, world_size
 from training.checkpointing import Checkpoint, TrainState, barrier
@@ -126,8 +126,7 @@ def universal_folder(checkpoint: Checkpoint) -> str:
                 ds_to_universal.main(arguments)
         except Exception as error:  # the converter's own errors: asserts, missing files, ...
             raise CheckpointError(
-                f"{checkpoint.path}: DeepSpeed's universal-checkpoint conversion failed "
-                f"({type(error).__name__}: {error})"
+                f"{checkpoint.path}: DeepSpeed's universal-checkpoint conversion failed ({one_line(error)})"
             ) from error
         os.replace(arguments.output_folder, folder)
         shutil.rmtree(temporary, ignore_errors=True)
@@ -135,8 +134,11 @@ def universal_folder(checkpoint: Checkpoint) -> str:
     return folder
 
 
-def _read(path: str) -> torch.Tensor | dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def read_file(path: str):
+    """`torch.load`, weights only: tensors, containers and the few DeepSpeed classes `weights_only_loads` allows
+    (a checkpoint from elsewhere must not run code)."""
+    with weights_only_loads():
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_tensor(parameter_dir: str, key: str, shape: torch.Size) -> torch.Tensor:
@@ -145,7 +147,7 @@ def read_tensor(parameter_dir: str, key: str, shape: torch.Size) -> torch.Tensor
     path = os.path.join(parameter_dir, f"{key}.pt")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: missing from the converted checkpoint")
-    value = _read(path)
+    value = read_file(path)
     value = value["param"] if isinstance(value, dict) else value
     if value.numel() != shape.numel():
         raise CheckpointError(f"{path}: {tuple(value.shape)} does not fit the parameter's {tuple(shape)}")
@@ -156,12 +158,11 @@ def optimizer_globals(zero_dir: str) -> tuple[torch.Tensor, list[dict]]:
     """(Adam's step count, the saved hyperparameters of each parameter group: lr as the scheduler left it,
     weight decay, betas, ...). A ZeRO-1/2 conversion writes the step per parameter, a ZeRO-3 one in
     `optimizer_state.pt` (groups there, or inside its `optimizer_state_dict`)."""
-    with weights_only_loads():
-        saved = torch.load(os.path.join(zero_dir, "optimizer_state.pt"), map_location="cpu")
+    saved = read_file(os.path.join(zero_dir, "optimizer_state.pt"))
     inner = saved.get("optimizer_state_dict") or {}
     groups = saved.get("param_groups") or inner.get("param_groups")
     per_parameter = glob.glob(os.path.join(zero_dir, "*", "step.pt"))
-    step = _read(per_parameter[0]) if per_parameter else inner["state"][0]["step"]
+    step = read_file(per_parameter[0]) if per_parameter else inner["state"][0]["step"]
     return torch.as_tensor(step, dtype=torch.float32), groups
 
 
@@ -173,8 +174,7 @@ def model_states(checkpoint: Checkpoint) -> list[dict]:
         raise CheckpointError(f"{checkpoint.path}: no DeepSpeed model-states file")
     rank_of = re.compile(r"zero_pp_rank_(\d+)_")
     paths.sort(key=lambda path: int(match[1]) if (match := rank_of.search(os.path.basename(path))) else 0)
-    with weights_only_loads():
-        return [torch.load(path, map_location="cpu") for path in paths]
+    return [read_file(path) for path in paths]
 
 
 def frozen_weights(states: list[dict]) -> dict[str, torch.Tensor]:
