@@ -122,8 +122,9 @@ class TrainConfig:
     group_by_length: bool = field(
         default=False,
         metadata=_help(
-            "Micro-batches of pairs of similar length (transformers' length-grouped sampling, groups in random "
-            "order): less padding in plain batches, similar work per rank in packed ones."
+            "Each optimizer step trains pairs of similar length (transformers' length-grouped sampling, one "
+            "group per step, groups in random order): less padding in plain batches, similar work per rank in "
+            "packed ones."
         ),
     )
     loss_type: str = field(
