@@ -13,7 +13,12 @@ from model_utils.checkpoint.errors import CheckpointError
 from training.arguments import TrainConfig
 from training.checkpointing import STATE_FILE, TrainState, prune_checkpoints
 from training.errors import ConfigError
-from training.preflight import check_model_path, check_prompt_truncation, looks_local
+from training.preflight import (
+    check_existing_checkpoints,
+    check_model_path,
+    check_prompt_truncation,
+    looks_local,
+)
 
 FLAGS = ["--per_device_train_batch_size", "4", "--max_seq_len", "32", "--dropout", "0.0", "--zero_stage", "0"]
 
@@ -58,6 +63,23 @@ def test_a_new_run_into_a_folder_with_checkpoints_stops_and_overwrite_starts_ove
     assert [r["step"] for r in read_metrics(output)[0]] == [1]
     resumed = train(model, data, output, "--max_steps", "1", "--save_interval", "1", "--resume")
     assert "resuming at step 1" in resumed.stderr
+
+
+def test_resume_without_latest_in_a_folder_with_checkpoints_stops(tmp_path):
+    config = TrainConfig(output_dir=str(tmp_path), resume=True)
+    check_existing_checkpoints(config)  # nothing there: --resume starts fresh
+    write_checkpoint(config.checkpoint_dir, 3, "earlier")
+    with pytest.raises(ConfigError, match="step_3 in .* but no `latest` file names the one to continue"):
+        check_existing_checkpoints(config)
+    with open(os.path.join(config.checkpoint_dir, "latest"), "w") as file:
+        file.write("step_3")
+    check_existing_checkpoints(config)
+    with open(os.path.join(config.checkpoint_dir, "latest"), "w") as file:
+        file.write("step_9")
+    with pytest.raises(
+        ConfigError, match="latest names 'step_9', which is not in .*checkpoints there: step_3"
+    ):
+        check_existing_checkpoints(config)
 
 
 def write_checkpoint(folder: str, step: int, run_id: str | None) -> None:

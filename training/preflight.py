@@ -52,17 +52,24 @@ def check_output_dir(output_dir: str) -> None:
 
 
 def check_existing_checkpoints(config: TrainConfig) -> None:
-    """A fresh run never mixes its checkpoints with an earlier run's; a resumed one finds what `latest` names."""
-    if config.resume:
-        latest_checkpoint(config)  # raises when `latest` names a missing folder
+    """A run that starts afresh never mixes its checkpoints with an earlier run's; a resumed one finds what
+    `latest` names."""
+    if config.resume and latest_checkpoint(config) is not None:  # raises when `latest` names a missing folder
         return
     tags = checkpoint_tags(config.checkpoint_dir)
-    if tags and not config.overwrite_output_dir:
+    if not tags or config.overwrite_output_dir:
+        return
+    where = f"--output_dir {config.output_dir} holds checkpoints of an earlier run ({', '.join(tags)} in "
+    if config.resume:  # a `latest` lost or never written (killed right after the first checkpoint's rename)
         raise ConfigError(
-            f"--output_dir {config.output_dir} holds checkpoints of an earlier run ({', '.join(tags)} in "
-            f"{config.checkpoint_dir}); continue that run with --resume, or start over with "
-            "--overwrite_output_dir (removes them first)"
+            f"{where}{config.checkpoint_dir}) but no `latest` file names the one to continue; write its tag into "
+            f"{os.path.join(config.checkpoint_dir, 'latest')}, or start over with --overwrite_output_dir "
+            "(removes them first) instead of --resume"
         )
+    raise ConfigError(
+        f"{where}{config.checkpoint_dir}); continue that run with --resume, or start over with "
+        "--overwrite_output_dir (removes them first)"
+    )
 
 
 def looks_local(path: str) -> bool:
