@@ -16,7 +16,9 @@
 # with that status (see README, "Preemption"). Only the training processes get the signal: DeepSpeed 0.19's
 # per-node launcher answers SIGTERM/SIGINT by terminating its ranks and SIGKILLing them 30 s later (a longer
 # save would be cut short), and its runner and launcher die at SIGUSR1 without passing it on. The launcher runs
-# in its own session, so Ctrl-C at a terminal reaches this script alone.
+# in its own session, so Ctrl-C at a terminal reaches this script alone. The ranks agree at each step boundary, so
+# signalling one node's ranks stops every node; with HOSTFILE the ranks run under ssh, not below this script: let
+# the scheduler signal them (SLURM signals every task of a job step, e.g. `scancel --signal=USR1 <job>`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
