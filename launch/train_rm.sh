@@ -10,6 +10,15 @@
 # Every argument is passed to `python -m training.train_rm` (see README for the flags); MASTER_PORT picks
 # the rendezvous port (default 29500). With no arguments `training.train_rm` runs the embedded default
 # (its settings: `DEFAULT_RUN` in training/arguments.py).
+#
+# Stop signals: SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 sent to this script are forwarded to this node's training
+# processes, which write a checkpoint at the next step boundary and exit 143 / 130 / 138; this script then exits
+# with that status (see README, "Preemption"). Only the training processes get the signal: DeepSpeed 0.19's
+# per-node launcher answers SIGTERM/SIGINT by terminating its ranks and SIGKILLing them 30 s later (a longer
+# save would be cut short), and its runner and launcher die at SIGUSR1 without passing it on. The launcher runs
+# in its own session, so Ctrl-C at a terminal reaches this script alone. The ranks agree at each step boundary, so
+# signalling one node's ranks stops every node; with HOSTFILE the ranks run under ssh, not below this script: let
+# the scheduler signal them (SLURM signals every task of a job step, e.g. `scancel --signal=USR1 <job>`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,4 +37,30 @@ else
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / ${NUM_PROCS:-1} ))}"
 fi
 
-exec deepspeed "${launcher_args[@]}" --module training.train_rm "$@"
+descendants() {  # every process below $1
+  local child
+  for child in $(ps -o pid= --ppid "$1" 2>/dev/null); do
+    echo "$child"
+    descendants "$child"
+  done
+}
+
+forward() {  # $1: a signal name; sent to the training processes below the launcher (`python -u -m training.train_rm`)
+  local pid
+  for pid in $(descendants "$launcher"); do
+    if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- '-m training\.train_rm '; then
+      kill -s "$1" "$pid" 2>/dev/null || true
+    fi
+  done
+}
+
+setsid --wait deepspeed "${launcher_args[@]}" --module training.train_rm "$@" &
+launcher=$!
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+trap 'forward USR1' USR1
+# `wait` returns early whenever a trap runs; wait again until the launcher is gone, then take its status.
+while kill -0 "$launcher" 2>/dev/null; do
+  wait "$launcher" || true
+done
+wait "$launcher"

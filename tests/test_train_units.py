@@ -11,10 +11,8 @@ import torch.nn.functional as F
 from training.arguments import ConfigError, TrainConfig, parse_args
 from training.checkpointing import TrainState
 from training.ds_config import CONFIG_DIR, build_ds_config, inference_config, resolve_dtype
-from training.errors import TrainingError
 from training.losses import center_rewards_loss, divergence_span_loss, pairwise_loss
-from training.sampling import epoch_batches, total_steps
-from training.trainer import train
+from training.sampling import check_same_data_order, data_order, epoch_batches, total_steps
 
 # --- config --------------------------------------------------------------------------------------------------
 
@@ -98,6 +96,14 @@ def test_bad_flags_exit_2_naming_the_flag(flags, message, capsys):
         parse_args(flags)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_resume_alone_continues_the_embedded_default_run():
+    """`launch/train_rm.sh --resume` after a stop signal must continue the default run, not start another."""
+    resumed = parse_args(["--resume", "--local_rank=0"])
+    assert resumed.resume and resumed.output_dir == "output/default_rm" and resumed.max_steps == 150
+    assert parse_args(["--overwrite_output_dir"]).output_dir == "output/default_rm"
+    assert parse_args(["--resume", "--seed", "3"]).output_dir == "output/reward_model"  # another run
 
 
 def test_config_is_frozen():
@@ -258,16 +264,75 @@ def test_group_by_length_gives_each_step_similar_lengths_on_every_rank():
     assert spread(side_by_side) < spread(shuffled) / 4
 
 
-def test_resume_refuses_a_checkpoint_with_another_data_order():
-    pairs = [{"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3]}] * 40
-    config = TrainConfig(per_device_train_batch_size=4, group_by_length=True)
-    saved = TrainState(
-        global_step=3,
-        batches_done_in_epoch=3,
-        data_order=f"pairs=40 seed={config.seed} micro_batch=4 accumulation=1 ranks=1 group_by_length=False",
-    )
-    with pytest.raises(TrainingError, match="cannot resume.*group_by_length=False.*group_by_length=True"):
-        train(None, pairs, [], None, None, config, saved, None, 10)  # refused before anything runs
+SPLITS = [
+    (1, 16, 1),
+    (2, 4, 2),
+    (2, 8, 1),
+    (4, 2, 2),
+    (1, 4, 4),
+]  # ranks, micro-batch, accumulation: 16 per step
+
+
+def step_pairs(num_pairs, epoch, ranks, micro, accumulation, lengths=None):
+    """The pairs of each optimizer step (over all ranks), as sorted lists."""
+    per_rank = [
+        epoch_batches(num_pairs, epoch, 7, micro, accumulation, r, ranks, lengths) for r in range(ranks)
+    ]
+    steps = len(per_rank[0]) // accumulation
+    return [
+        sorted(
+            i for batches in per_rank for b in batches[s * accumulation : (s + 1) * accumulation] for i in b
+        )
+        for s in range(steps)
+    ]
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["shuffled", "group_by_length"])
+def test_every_split_of_a_step_trains_the_same_pairs_and_has_one_data_order(grouped):
+    """What lets a run resume on another number of processes: step s trains the same 16 pairs whatever the
+    split over ranks, micro-batches and accumulation, and the saved data order says so."""
+    lengths = torch.randint(10, 900, (203,), generator=torch.Generator().manual_seed(5)).tolist()
+    lengths = lengths if grouped else None
+    reference = step_pairs(203, 1, *SPLITS[0], lengths)
+    assert len(reference) == 12 and all(len(pairs) == 16 for pairs in reference)
+    for split in SPLITS[1:]:
+        assert step_pairs(203, 1, *split, lengths) == reference, split
+    orders = {
+        data_order(203, TrainConfig(per_device_train_batch_size=m, gradient_accumulation_steps=a), r)
+        for r, m, a in SPLITS
+    }
+    assert len(orders) == 1
+    assert (
+        data_order(203, TrainConfig(per_device_train_batch_size=8), 1) not in orders
+    )  # another global batch
+
+
+def test_resume_refuses_another_data_order_naming_both():
+    saved = data_order(40, TrainConfig(per_device_train_batch_size=4), ranks=1)
+    check_same_data_order(saved, saved, "out/checkpoints/step_3")
+    check_same_data_order("", saved, "out/checkpoints/step_3")  # not recorded: nothing to compare
+    grouped = data_order(40, TrainConfig(per_device_train_batch_size=4, group_by_length=True), ranks=1)
+    with pytest.raises(
+        ConfigError, match="cannot resume out/checkpoints/step_3.*group_by_length=False.*True"
+    ):
+        check_same_data_order(saved, grouped, "out/checkpoints/step_3")
+
+
+def test_a_state_saved_before_the_position_was_global_converts():
+    old = {
+        "global_step": 6,
+        "epoch": 0,
+        "batches_done_in_epoch": 12,  # per rank, 2 micro-batches per step
+        "pairs_seen": 48,
+        "data_order": "pairs=40 seed=1 micro_batch=2 accumulation=2 ranks=2 group_by_length=False",
+    }
+    state = TrainState.from_saved(old)
+    assert state.steps_done_in_epoch == 6
+    assert state.data_order == "pairs=40 seed=1 pairs_per_step=8 group_by_length=False"
+    config = TrainConfig(per_device_train_batch_size=8, seed=1)
+    assert state.data_order == data_order(40, config, ranks=1)  # resumable on 1 process
+    grouped = TrainState.from_saved({**old, "data_order": old["data_order"].replace("False", "True")})
+    assert "ranks=2" in grouped.data_order  # grouping was per micro-step then: left different, so refused
 
 
 def test_total_steps_respects_epochs_and_max_steps():

@@ -1,6 +1,7 @@
 """Everything about a training run. The file list is the path a run takes:
 
     arguments.py      one typed config (`TrainConfig`), DeepSpeed-Chat flag names, the embedded default run
+    preflight.py      every failure that would come late, checked before data and model load
     ds_config.py      DeepSpeed JSON configs, their "auto" fields filled from the flags
     data/             preference data: sources -> formats -> splits -> tokenize -> collate
     layout.py         the batch layout (padded, packed, prompt-shared): what the config allows; the forward
@@ -8,7 +9,9 @@
     sampling.py       the epoch order
     losses.py         pairwise losses as pure functions
     trainer.py        the loop and evaluation
-    checkpointing.py  engine checkpoints for --resume
+    preemption.py     SIGTERM/SIGINT/SIGUSR1: checkpoint at the next step boundary, exit 128 + signal
+    checkpointing.py  engine checkpoints for --resume (atomic; train_state.json; pruning by run)
+    resume.py         --resume on any world size and ZeRO stage (universal conversion, per-parameter restore)
     metrics.py        reward statistics, metrics.jsonl, TensorBoard
     lora.py           LoRA through PEFT
     train_rm.py       python -m training.train_rm: the recipe, top to bottom

@@ -32,6 +32,9 @@ DEFAULT_RUN = (
     "--learning_rate", "1e-4", "--num_warmup_steps", "10", "--max_steps", "150", "--lr_scheduler_type", "cosine",
     "--dropout", "0.0", "--eval_interval", "50", "--output_dir", "output/default_rm",
 )  # fmt: skip
+# Flags that say how a run starts, not which run: with only these (`launch/train_rm.sh --resume` after a stop
+# signal) the run is still the embedded default.
+RUN_CONTROL_FLAGS = ("--local_rank", "--resume", "--overwrite_output_dir")
 LOSS_TYPES = ("pairwise", "dschat")
 ATTENTION_IMPLEMENTATIONS = (
     "auto",
@@ -107,6 +110,13 @@ class TrainConfig:
     max_seq_len: int = field(
         default=512, metadata=_help("Longest prompt + response in tokens (prompt cut left).")
     )
+    allow_prompt_truncation: bool = field(
+        default=False,
+        metadata=_help(
+            "Train even when max_seq_len leaves more than 5% of the prompts only their first token "
+            "(refused otherwise)."
+        ),
+    )
 
     # Model
     model_name_or_path: str = field(
@@ -154,8 +164,9 @@ class TrainConfig:
     group_by_length: bool = field(
         default=False,
         metadata=_help(
-            "Micro-batches of pairs of similar length (transformers' length-grouped sampling, groups in random "
-            "order): less padding in plain batches, similar work per rank in packed ones."
+            "Each optimizer step trains pairs of similar length (transformers' length-grouped sampling, one "
+            "group per step, groups in random order): less padding in plain batches, similar work per rank in "
+            "packed ones."
         ),
     )
     loss_type: str = field(
@@ -233,6 +244,13 @@ class TrainConfig:
     save_interval: int = field(default=0, metadata=_help("DeepSpeed checkpoint every N steps (0: none)."))
     keep_checkpoints: int = field(default=2, metadata=_help("How many checkpoints to keep."))
     resume: bool = field(default=False, metadata=_help("Continue from the latest checkpoint in output_dir."))
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata=_help(
+            "Start over in an output_dir that holds an earlier run's checkpoints: remove them first "
+            "(without it, or --resume, such a run stops before loading anything)."
+        ),
+    )
     eval_interval: int = field(default=0, metadata=_help("Evaluate every N steps (0: only at the end)."))
     logging_steps: int = field(default=1, metadata=_help("Write a training record every N steps."))
     enable_tensorboard: bool = field(default=False, metadata=_help("Also log to TensorBoard."))
@@ -274,6 +292,10 @@ class TrainConfig:
             problems.append("--dropout must be in [0, 1)")
         if self.only_optimize_lora and self.lora_dim == 0:
             problems.append("--only_optimize_lora needs --lora_dim > 0")
+        if self.resume and self.overwrite_output_dir:
+            problems.append(
+                "--resume continues the checkpoints that --overwrite_output_dir removes: give one"
+            )
         if self.keep_checkpoints < 1:
             problems.append("--keep_checkpoints must be at least 1")
         if self.deepspeed_config is not None and not os.path.isfile(self.deepspeed_config):
@@ -332,10 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse and validate; a bad combination exits with status 2 and a message naming the flags.
 
-    No arguments (but the launcher's `--local_rank`) means the embedded default run, `DEFAULT_RUN`.
+    No arguments (but the launcher's `--local_rank`, `--resume` or `--overwrite_output_dir`) means the embedded
+    default run, `DEFAULT_RUN`.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if all(argument.startswith("--local_rank") for argument in argv):
+    if all(argument.startswith(RUN_CONTROL_FLAGS) for argument in argv):
         argv = [*DEFAULT_RUN, *argv]
     parser = build_parser()
     namespace = parser.parse_args(argv)

@@ -59,25 +59,79 @@ def torch_dtype(dtype: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 
 
+def read_ds_config(path: str) -> dict[str, Any]:
+    """The JSON object in `path`; an unreadable file or a syntax error is a `ConfigError` naming file, line and
+    column."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            ds_config = json.load(file)
+    except OSError as error:
+        raise ConfigError(f"--deepspeed_config {path}: cannot read it ({error.strerror})") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(
+            f"{path} line {error.lineno} column {error.colno}: not valid JSON ({error.msg})"
+        ) from None
+    if not isinstance(ds_config, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(ds_config).__name__}")
+    return ds_config
+
+
+def check_against_flags(ds_config: dict[str, Any], path: str, config: TrainConfig, dtype: str) -> None:
+    """Refuse what a user's config says that the flags would silently override (a silent wrong answer)."""
+    for section in ("optimizer", "scheduler"):
+        if section in ds_config:
+            raise ConfigError(
+                f"{path}: has a '{section}' section, which would be ignored: the run builds AdamW and its "
+                "schedule from --learning_rate, --weight_decay, --lr_scheduler_type and --num_warmup_steps; "
+                "remove it"
+            )
+    for precision in ("bf16", "fp16"):
+        enabled = ds_config.get(precision, {}).get("enabled", AUTO)
+        if enabled != AUTO and bool(enabled) != (dtype == precision):
+            raise ConfigError(
+                f"{path}: {precision}.enabled is {enabled}, but --dtype {config.dtype} gives {dtype}; "
+                "set it to 'auto' or match --dtype"
+            )
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if config.zero_stage not in (0, stage):
+        raise ConfigError(
+            f"{path}: zero_optimization.stage is {stage}, --zero_stage says {config.zero_stage}"
+        )
+    if config.offload and "offload_optimizer" not in ds_config.get("zero_optimization", {}):
+        raise ConfigError(f"{path}: --offload, but its zero_optimization has no offload_optimizer")
+
+
+def check_with_deepspeed(ds_config: dict[str, Any], path: str) -> None:
+    """DeepSpeed's own validation (field names, values) now, instead of at `deepspeed.initialize`."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    # Without train_batch_size DeepSpeed derives it for its own view of the world size; ours is checked above.
+    batch_free = {key: value for key, value in ds_config.items() if key != "train_batch_size"}
+    try:
+        DeepSpeedConfig(batch_free)
+    except Exception as error:  # pydantic's ValidationError, DeepSpeed's assertions and ValueErrors
+        detail = " ".join(str(error).split())
+        raise ConfigError(f"{path}: DeepSpeed rejects it ({type(error).__name__}: {detail})") from None
+
+
 def _fill(section: dict[str, Any], key: str, value: Any) -> None:
     if section.get(key, AUTO) == AUTO:
         section[key] = value
 
 
 def build_ds_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
-    """Load the JSON config and fill its 'auto' batch and precision fields from the flags.
+    """Load the JSON config, fill its 'auto' batch and precision fields from the flags, and let DeepSpeed check
+    it (before any data or model is loaded).
 
     Raises:
-        ValueError: the file's explicit batch fields disagree with the flags, or its stage with --zero_stage.
+        ConfigError: unreadable JSON (file, line, column); explicit batch, precision, stage or offload fields
+            that disagree with the flags; an optimizer or scheduler section; fields DeepSpeed rejects.
     """
     path = config.deepspeed_config or default_config_path(config.zero_stage, config.offload)
-    with open(path, encoding="utf-8") as file:
-        ds_config = json.load(file)
-    stage = ds_config.setdefault("zero_optimization", {}).get("stage", 0)
-    if config.deepspeed_config is None and stage != config.zero_stage:
-        raise ConfigError(
-            f"{path}: zero_optimization.stage is {stage}, --zero_stage says {config.zero_stage}"
-        )
+    ds_config = read_ds_config(path)
+    dtype = resolve_dtype(config.dtype)
+    check_against_flags(ds_config, path, config, dtype)
+    ds_config.setdefault("zero_optimization", {})
     _fill(ds_config, "train_micro_batch_size_per_gpu", config.per_device_train_batch_size)
     _fill(ds_config, "gradient_accumulation_steps", config.gradient_accumulation_steps)
     global_batch = (
@@ -98,9 +152,9 @@ def build_ds_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
                 f"{config.per_device_train_batch_size} x accumulation {config.gradient_accumulation_steps} x "
                 f"world size {world_size}); set it to 'auto' or match the flags"
             )
-    dtype = resolve_dtype(config.dtype)
     ds_config.setdefault("bf16", {})["enabled"] = dtype == "bf16"
     ds_config.setdefault("fp16", {})["enabled"] = dtype == "fp16"
+    check_with_deepspeed(ds_config, path)
     return ds_config
 
 

@@ -7,15 +7,18 @@
         --data_path Anthropic/hh-rlhf --zero_stage 3 --dtype bf16 --output_dir output/rm
     # CPU, 2 processes: DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 -m training.train_rm --zero_stage 2
 
-The recipe, top to bottom: parse config -> start the process group -> check the backbone's config -> tokenizer
--> data -> model -> `deepspeed.initialize` -> batch layout (proved exact on the model) -> resume -> `train` ->
-final evaluation -> save.
+The recipe, top to bottom: parse config -> preflight (every late failure checked first: output folder, earlier
+checkpoints, model path, save format, static layout refusals) -> start the process group -> DeepSpeed config ->
+tokenizer -> data -> model -> `deepspeed.initialize` -> batch layout (proved exact on the model) -> resume ->
+`train` -> final evaluation -> save. SIGTERM, SIGINT and SIGUSR1 stop the run at the next step boundary after a
+checkpoint (`preemption.py`, exit status 128 + the signal number).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 import torch
@@ -25,6 +28,7 @@ from model_utils.distributed import destroy_distributed, exit_process, init_dist
 from training.arguments import DEFAULT_DATA, DEFAULT_MODEL, TrainConfig, parse_args
 from training.data.records import DataError, PreferenceData
 from training.errors import ConfigError, TrainingError
+from training.preemption import RunStopped, exit_status, install_stop_handlers, received_signal
 
 logger = logging.getLogger("training.train_rm")
 
@@ -49,22 +53,6 @@ def resolve_data_paths(config: TrainConfig) -> list[str]:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return [folder if path == DEFAULT_DATA else path for path in config.data_path]
-
-
-def check_backbone(config: TrainConfig, model_path: str) -> None:
-    """What the backbone's config alone decides, before the tokenizer, data and model are loaded: the final model
-    can be written in `--save_format` (else no run would lose its model at the end), and an `on` fast-path
-    flag is not refused statically (ALiBi, a short sliding window, ...)."""
-    from model_utils.checkpoint.layouts import check_save_format
-    from model_utils.checkpoint.load import read_config
-    from training.layout import layout_candidates
-
-    backbone_config = read_config(model_path, trust_remote_code=config.trust_remote_code)
-    try:
-        check_save_format(config.save_format, backbone_config)
-    except CheckpointError as error:
-        raise ConfigError(f"--save_format {config.save_format}: {error}") from None
-    layout_candidates(config, backbone_config)
 
 
 def load_data(config: TrainConfig, tokenizer) -> PreferenceData:
@@ -129,10 +117,16 @@ def build_optimizer(reward_model, config: TrainConfig, ds_config: dict):
     A client `torch.optim.AdamW` everywhere (DeepSpeed's CPU builds of its own Adam were seen to abort at
     exit); with optimizer offload on a GPU, DeepSpeedCPUAdam, which is what offload is for.
     """
-    trainable = [(name, p) for name, p in reward_model.named_parameters() if p.requires_grad]
+    trainable = [p for p in reward_model.parameters() if p.requires_grad]
+
+    def is_matrix(parameter: torch.nn.Parameter) -> bool:
+        # Under ZeRO-3 a parameter's own tensor is a flat shard: its full shape (`ds_shape`) decides, or every
+        # partitioned weight would land in the group without decay.
+        return len(getattr(parameter, "ds_shape", parameter.shape)) >= 2
+
     groups = [
-        {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in trainable if is_matrix(p)], "weight_decay": config.weight_decay},
+        {"params": [p for p in trainable if not is_matrix(p)], "weight_decay": 0.0},
     ]
     groups = [group for group in groups if group["params"]]
     offloaded = "offload_optimizer" in ds_config.get("zero_optimization", {})
@@ -167,28 +161,42 @@ def main(argv: list[str] | None = None) -> dict:
         level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from training.preflight import check_prompt_truncation, preflight
+
+    model_path = resolve_model_path(config)
+    preflight(config, model_path)
     init_distributed(timeout_minutes=config.dist_timeout_s / 60 if config.dist_timeout_s else None)
     import deepspeed
 
     from model_utils.checkpoint.save import save_reward_model
     from model_utils.model_factory import create_critic_model
     from model_utils.tokenizer import load_tokenizer
-    from training.checkpointing import TrainState, load_latest_checkpoint
+    from training.checkpointing import TrainState, latest_checkpoint, new_run_id, remove_checkpoints
     from training.ds_config import build_ds_config, resolve_attention, resolve_dtype, torch_dtype
     from training.lora import apply_lora, merge_lora
     from training.metrics import MetricsLog
+    from training.preemption import stop_before_training
     from training.probe import choose_layout
-    from training.sampling import total_steps
+    from training.resume import check_topology, resume_from_checkpoint
+    from training.sampling import check_same_data_order, data_order, total_steps
     from training.trainer import run_evaluation, train
 
     torch.manual_seed(config.seed)
     ds_config = build_ds_config(config, world_size())
     attn_implementation = resolve_attention(config.attn_implementation)
-    model_path = resolve_model_path(config)
-    check_backbone(config, model_path)
+    if config.overwrite_output_dir:
+        remove_checkpoints(config)
+    resume_from = latest_checkpoint(config) if config.resume else None
+    if resume_from is not None:
+        check_topology(resume_from, world_size(), ds_config["zero_optimization"].get("stage", 0))
     tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
     data = load_data(config, tokenizer)
     report_data(data)
+    check_prompt_truncation(data.stats, config)
+    order = data_order(len(data.train), config, world_size())
+    if resume_from and resume_from.state:  # before the model loads (older checkpoints: after)
+        check_same_data_order(resume_from.state.data_order, order, resume_from.path)
+    stop_before_training(resume_from)  # a signal while the data loaded
 
     reward_model = create_critic_model(
         model_path,
@@ -215,16 +223,21 @@ def main(argv: list[str] | None = None) -> dict:
     )
     layout = choose_layout(config, engine, tokenizer.pad_token_id)
 
-    state = load_latest_checkpoint(engine, config) if config.resume else None
-    if config.resume:
-        logger.info(
-            f"resuming at step {state.global_step}" if state else "--resume: no checkpoint yet, starting"
-        )
-    metrics = MetricsLog(config, resumed_step=state.global_step if state else None)
+    if resume_from is not None:
+        state = resume_from_checkpoint(engine, resume_from)
+        check_same_data_order(state.data_order, order, resume_from.path)
+        logger.info("resuming at step %d from %s", state.global_step, resume_from.path)
+    else:
+        if config.resume:
+            logger.info("--resume: no checkpoint yet, starting")
+        state = TrainState(data_order=order, run_id=new_run_id())
+    metrics = MetricsLog(config, resumed_step=state.global_step if resume_from else None)
     collator = layout.collator(tokenizer.pad_token_id)
-    state = train(
-        engine, data.train, data.eval, collator, layout, config, state or TrainState(), metrics, num_steps
-    )
+    try:
+        state = train(engine, data.train, data.eval, collator, layout, config, state, metrics, num_steps)
+    except RunStopped:
+        metrics.close()
+        raise
 
     results = run_evaluation(engine, data.eval, collator, layout, config.per_device_eval_batch_size)
     metrics.write({"step": state.global_step, **{f"eval_{key}": value for key, value in results.items()}})
@@ -261,10 +274,16 @@ def cli() -> None:
     """Console entry: one-line errors for bad data, flags, checkpoints, faults; the process group always destroyed.
 
     A finished run leaves through `exit_process`, so DeepSpeed's occasional abort during interpreter teardown on
-    CPU cannot turn a successful job into a failed one.
+    CPU cannot turn a successful job into a failed one. A run stopped by a signal leaves with
+    `preemption.exit_status` after its checkpoint; one signalled after its last step finishes and leaves with 0.
     """
+    install_stop_handlers()
     try:
         main()
+    except RunStopped as stopped:
+        if rank() == 0:
+            print(stopped, file=sys.stderr, flush=True)
+        exit_process(exit_status(stopped.signal_number))
     except (DataError, ConfigError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         exit_process(2)
@@ -281,6 +300,13 @@ def cli() -> None:
     except BaseException:
         destroy_distributed()
         raise
+    if received_signal() is not None and rank() == 0:
+        print(
+            f"received {signal.Signals(received_signal()).name} after the last step: the run finished and the "
+            "model is saved",
+            file=sys.stderr,
+            flush=True,
+        )
     exit_process(0)
 
 

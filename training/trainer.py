@@ -1,9 +1,11 @@
 """The training loop and evaluation.
 
 `train()` is one function in a fixed order per optimizer step: next epoch if due -> forward and backward each
-micro-batch -> step bookkeeping -> log -> evaluate -> checkpoint. `run_evaluation()` is its own function. The
-data order is a pure function of (seed, epoch, rank) (`sampling.py`), and the position in it is part of every
-checkpoint (`checkpointing.py`), so a resumed run trains exactly the pairs an uninterrupted run would have.
+micro-batch -> step bookkeeping -> log -> evaluate -> checkpoint -> stop if a signal asked (`preemption.py`).
+`run_evaluation()` is its own function. The data order is a pure function of (seed, epoch, pairs per step)
+(`sampling.py`), and the position in it (optimizer steps done in the epoch) is part of every checkpoint
+(`checkpointing.py`), so a resumed run trains exactly the pairs an uninterrupted run would have, on any number
+of processes.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from training.errors import TrainingError
 from training.layout import BatchLayout, Collator, batch_rewards
 from training.losses import center_rewards_loss, comparison_loss, divergence_span_loss, plackett_luce_loss
 from training.metrics import MetricsLog, RewardTable, mean_over_ranks, ranking_statistics
+from training.preemption import stop_if_requested
 from training.sampling import epoch_batches
 
 
@@ -63,7 +66,8 @@ def check_finite(what: str, value: torch.Tensor, step: int, config: TrainConfig)
     Checked before the optimizer step, so a non-finite loss never reaches the weights; checkpoints on disk
     are those of earlier steps and stay as they are.
     """
-    bad = torch.tensor([0.0 if torch.isfinite(value.detach()).all() else 1.0])
+    # On the value's device: NCCL reduces only GPU tensors.
+    bad = torch.tensor([0.0 if torch.isfinite(value.detach()).all() else 1.0], device=value.device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(bad)
     if bad.item() > 0:
@@ -110,14 +114,6 @@ def run_evaluation(
     return ranking_statistics(gathered)
 
 
-def data_order(num_pairs: int, config: TrainConfig, ranks: int) -> str:
-    """What the epoch order and a rank's position in it depend on (saved with each checkpoint)."""
-    return (
-        f"pairs={num_pairs} seed={config.seed} micro_batch={config.per_device_train_batch_size} "
-        f"accumulation={config.gradient_accumulation_steps} ranks={ranks} group_by_length={config.group_by_length}"
-    )
-
-
 def train(
     engine,
     train_examples: Sequence[dict],
@@ -129,16 +125,11 @@ def train(
     metrics: MetricsLog,
     last_step: int,
 ) -> TrainState:
-    """Train until optimizer step `last_step` (`sampling.total_steps`); returns the final state."""
+    """Train from `state` (fresh, or as a checkpoint left it) until optimizer step `last_step`
+    (`sampling.total_steps`); returns the final state. Raises `preemption.RunStopped` after saving when a stop
+    signal arrived."""
     ranks, this_rank = world_size(), rank()
     accumulation = config.gradient_accumulation_steps
-    order = data_order(len(train_examples), config, ranks)
-    if state.data_order and state.data_order != order:
-        raise TrainingError(
-            f"cannot resume: the checkpoint's data order ({state.data_order}) differs from this run's "
-            f"({order}); resume with the same data and flags, or start a new --output_dir"
-        )
-    state.data_order = order
     # Tokens an example costs unpacked (the prompt once per response); what --group_by_length sorts by.
     lengths = (
         [sum(example_sequence_lengths(example, False)) for example in train_examples]
@@ -164,39 +155,41 @@ def train(
     batches = batches_of(state.epoch)
     engine.train()
     start_time = time.time()
+    saved_step = state.global_step  # a resumed run starts from its checkpoint
     while state.global_step < last_step:
-        # next epoch, when this one's micro-batches are all done
-        if state.batches_done_in_epoch == len(batches):
+        # next epoch, when this one's steps are all done
+        if state.steps_done_in_epoch * accumulation == len(batches):
             state.epoch += 1
-            state.batches_done_in_epoch = 0
+            state.steps_done_in_epoch = 0
             batches = batches_of(state.epoch)
 
         # forward and backward each micro-batch; DeepSpeed updates the weights after the last one
         losses, accuracies = [], []
-        for _micro_step in range(accumulation):
-            indices = batches[state.batches_done_in_epoch]
+        for micro_step in range(accumulation):
+            indices = batches[state.steps_done_in_epoch * accumulation + micro_step]
             batch = to_device(collator([train_examples[i] for i in indices]), engine.device)
             loss, won = compute_loss(engine, batch, layout, config)
             check_finite("loss", loss, state.global_step + 1, config)
             engine.backward(loss)
             engine.step()
-            state.batches_done_in_epoch += 1
             losses.append(loss.detach())
             accuracies.append(won.float().mean())
 
         # the step is done
         state.global_step += 1
+        state.steps_done_in_epoch += 1
         state.pairs_seen += (
             config.per_device_train_batch_size * accumulation * ranks
         )  # examples: pairs or groups
         gradient_norm = engine.get_global_grad_norm()
         if gradient_norm is not None:
-            check_finite("gradient norm", torch.tensor(float(gradient_norm)), state.global_step, config)
+            norm = torch.tensor(float(gradient_norm), device=engine.device)  # NCCL reduces only GPU tensors
+            check_finite("gradient norm", norm, state.global_step, config)
         mean_loss = mean_over_ranks(torch.stack(losses).mean())
         progress.update(1)
         progress.set_postfix(loss=f"{mean_loss:.4f}")
 
-        # log, evaluate, checkpoint
+        # log, evaluate, checkpoint, stop if a signal asked
         if state.global_step % config.logging_steps == 0 or state.global_step == last_step:
             metrics.write(
                 {
@@ -220,5 +213,7 @@ def train(
             metrics.write({"step": state.global_step, **{f"eval_{k}": v for k, v in results.items()}})
         if config.save_interval and state.global_step % config.save_interval == 0:
             save_checkpoint(engine, state, config)
+            saved_step = state.global_step
+        stop_if_requested(engine, state, config, saved_step)
     progress.close()
     return state

@@ -243,6 +243,10 @@ def load_preference_data(
             "train": train_counts["truncated_responses"],
             "eval": eval_counts["truncated_responses"],
         },
+        "prompts_cut_to_first_token": {
+            "train": train_counts["prompts_cut_to_first_token"],
+            "eval": eval_counts["prompts_cut_to_first_token"],
+        },
         "skipped_rows": dict(sum((source.skipped for source in all_sources), Counter())),
         "ties_skipped": sum(source.ties_skipped for source in all_sources),
         "skipped_by_rule": dict(sum((source.skipped_by_rule for source in all_sources), Counter())),

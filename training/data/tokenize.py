@@ -123,7 +123,8 @@ def tokenize_rows(
         examples: for a `PreferenceRow` a pair `{"prompt_ids", "chosen_ids", "rejected_ids", "margin"}`, for a
         `RankedRow` a group `{"prompt_ids", "response_ids", "scores", "comparisons"}`, each with
         `len(prompt_ids) + longest response <= max_seq_len`; and counts `{"truncated_rows": n,
-        "truncated_responses": n}`.
+        "truncated_responses": n, "prompts_cut_to_first_token": n}` (the last: prompts of two or more tokens that
+        kept at most one).
     """
     _check_tokenizer(tokenizer, max_seq_len)
     if not rows:
@@ -138,7 +139,7 @@ def tokenize_rows(
     ]
     encoded = iter(tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"])
     bos_token_id, eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    examples, counts = [], Counter(truncated_rows=0, truncated_responses=0)
+    examples, counts = [], Counter(truncated_rows=0, truncated_responses=0, prompts_cut_to_first_token=0)
     for row, responses in zip(rows, responses_of, strict=True):
         full = [finish_sequence(next(encoded), bos_token_id, eos_token_id) for _ in responses]
         shared = shared_prefix_length(full)
@@ -149,6 +150,7 @@ def tokenize_rows(
             )
             counts["truncated_rows"] += 1
             counts["truncated_responses"] += response_cut
+            counts["prompts_cut_to_first_token"] += len(prompt_ids) <= 1 < shared
         if isinstance(row, RankedRow):
             example = {
                 "prompt_ids": prompt_ids,
