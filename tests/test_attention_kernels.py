@@ -17,7 +17,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from transformers import AutoModel
 
 from model_utils import RewardModel
-from model_utils.packed_attention import segment_block_mask, segment_ids, varlen_kwargs
+from model_utils.kernel_attention import segment_block_mask, segment_ids, varlen_kwargs
 from training.arguments import TrainConfig
 from training.ds_config import resolve_attention
 from training.errors import ConfigError

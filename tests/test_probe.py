@@ -21,7 +21,7 @@ from transformers import (
     SmolLM3Config,
 )
 
-from model_utils import RewardModel, packed_attention
+from model_utils import RewardModel, kernel_attention, packed_attention
 from model_utils.packed_attention import (
     SEGMENT_ATTENTION,
     attention_window,
@@ -222,5 +222,5 @@ def test_bf16_tolerance_keeps_exact_layouts_and_rejects_wrong_ones():
 
 
 def test_docstring_examples():
-    for module in (packed_attention, probe):
+    for module in (packed_attention, kernel_attention, probe):
         assert doctest.testmod(module).failed == 0, module.__name__

@@ -12,10 +12,10 @@ Layouts (`BatchLayout.attention` says how the backbone is told which token sees 
 - `mask`: packing or sharing on an eager backbone (or one that keeps the segment plan from attention), or
   sharing without packing: rows with a block-diagonal 4D mask (`PackedCollator` without segments).
 - `flex`: a flex_attention backbone (`--attn_implementation flex_attention`, GPU): the segment row with a
-  FlexAttention `BlockMask` built once per micro-batch (`packed_attention.segment_block_mask`); packing and prompt
+  FlexAttention `BlockMask` built once per micro-batch (`kernel_attention.segment_block_mask`); packing and prompt
   sharing with K branches. FlexAttention has no backward on CPU (torch 2.13), so it trains on GPUs only.
 - `varlen`: a flash-attention backbone (GPU): packing only, the segment row with restarted positions and the varlen
-  arguments (`packed_attention.varlen_kwargs`); a shared prompt is not a varlen pattern, so sharing is off there.
+  arguments (`kernel_attention.varlen_kwargs`); a shared prompt is not a varlen pattern, so sharing is off there.
 `layout_candidates` lists, from the config alone, the fast layouts `--packing`/`--share_prompt` allow for the
 backbone and the loss (an `on` that a static check refuses is a `ConfigError` naming the reason); the start-up
 probe (`training/probe.py`) keeps the first one whose rewards equal the padded batch's on the model itself.
@@ -29,15 +29,14 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from model_utils.kernel_attention import segment_block_mask, varlen_kwargs
 from model_utils.packed_attention import (
     FLASH_ATTENTIONS,
     FLEX_ATTENTION,
     backbone_attention_mask,
     plan_segments,
-    segment_block_mask,
     supports_packing,
     supports_segment_attention,
-    varlen_kwargs,
 )
 from training.arguments import TrainConfig
 from training.data.collate import PackedCollator, PaddedCollator
