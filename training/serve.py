@@ -234,6 +234,22 @@ def bind(host: str, port: int) -> socket.socket:
     return socket.create_server((host, port), family=family)
 
 
+def draining_server(config, engine):
+    """uvicorn's server, whose SIGTERM/SIGINT also tells the engine to stop waiting for micro-batches to fill,
+    so the requests it drains are answered at once."""
+    import threading
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # A signal handler must not take the engine's lock (the interrupted thread may hold it).
+            threading.Thread(target=engine.hurry, daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    return DrainingServer(config)
+
+
 def serve(args: argparse.Namespace) -> None:
     """Load, bind, serve until SIGTERM/SIGINT, drain. Raises on bad input (see `main`)."""
     import torch
@@ -293,7 +309,7 @@ def serve(args: argparse.Namespace) -> None:
         # In-flight requests end by themselves within the request timeout: let them, then stop.
         timeout_graceful_shutdown=int(args.request_timeout_s) + 5,
     )
-    server = uvicorn.Server(config)
+    server = draining_server(config, engine)
     # uvicorn re-raises the SIGTERM/SIGINT it handled once it has drained; these handlers absorb it, so a
     # drained server exits 0 instead of dying of the signal.
     for handled in (signal.SIGTERM, signal.SIGINT):

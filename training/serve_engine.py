@@ -90,7 +90,7 @@ class Item:
 
 
 def sharing_key(prompt: Content) -> tuple[str, str]:
-    return ("text", prompt) if isinstance(prompt, str) else ("messages", json.dumps(prompt, sort_keys=True))
+    return ("text", prompt) if isinstance(prompt, str) else ("messages", json.dumps(prompt, sort_keys=True, default=str))
 
 
 class RewardEngine:
@@ -134,6 +134,7 @@ class RewardEngine:
         self._outstanding = 0  # responses admitted and not yet scored, skipped or failed
         self._accepting = False
         self._stopping = False
+        self._hurry = False  # shutting down: micro-batches no longer wait to fill
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="rewardspeed-tokenizer")
         self._model_thread = threading.Thread(target=self._run, name="rewardspeed-model", daemon=True)
         self.counts = collections.Counter(responses=0, micro_batches=0, computed_tokens=0, truncated=0)
@@ -170,6 +171,12 @@ class RewardEngine:
     def score(self, groups: Sequence[ScoreGroup], timeout: float | None = None) -> list[list[float]]:
         """`submit(groups).result(timeout)`: the rewards, for in-process callers."""
         return self.submit(groups).result(timeout)
+
+    def hurry(self) -> None:
+        """From now on run micro-batches without waiting for them to fill (a shutdown has begun)."""
+        with self._condition:
+            self._hurry = True
+            self._condition.notify_all()
 
     def stop(self) -> None:
         """Take no new work, score everything already admitted, then end both threads."""
@@ -235,18 +242,20 @@ class RewardEngine:
 
     def _run(self) -> None:
         while (batch := self._take_batch()) is not None:
-            self._score_batch(batch)
+            if batch:  # empty when every item taken belonged to a cancelled request
+                self._score_batch(batch)
 
     def _take_batch(self) -> list[Item] | None:
-        """The next micro-batch (None once stopping with nothing queued): wait for work, then up to
-        `max_wait_s` after the oldest item for the token budget to fill, then take items in arrival order."""
+        """The next micro-batch (None once stopping with nothing queued; empty when every item it took belonged to
+        a cancelled request): wait for work, then up to `max_wait_s` after the oldest item for the token budget to
+        fill, then take items in arrival order."""
         with self._condition:
             while not self._queue and not self._stopping:
                 self._condition.wait()
             if not self._queue:
                 return None
             deadline = self._queue[0].enqueued_at + self.max_wait_s
-            while not self._stopping and self._queued_tokens < self.max_batch_tokens:
+            while not (self._stopping or self._hurry) and self._queued_tokens < self.max_batch_tokens:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break

@@ -51,7 +51,7 @@ def _content(value: Any, path: str, limits: RequestLimits) -> Any:
 
 
 def _score_group(value: Any, where: str, limits: RequestLimits):
-    name = where or "the body"
+    name = where.rstrip(".") or "the body"
     if not isinstance(value, dict):
         raise RequestError(
             422, f"{name}: expected an object {{'prompt', 'responses'}}, got {type(value).__name__}"
@@ -66,7 +66,7 @@ def _score_group(value: Any, where: str, limits: RequestLimits):
     if not isinstance(responses, list):
         raise RequestError(
             422,
-            f"field {where}responses: expected a list of texts or message lists, got {type(responses).__name__}",
+            f"field {where + 'responses'!r}: expected a list of texts or message lists, got {type(responses).__name__}",
         )
     return ScoreGroup(
         _content(value["prompt"], f"{where}prompt", limits),
