@@ -138,6 +138,13 @@ def post(port: int, method: str, path: str, body: dict | None, timeout: float, c
             connection.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (Linux /proc): less sensitive than wall time to
+    the other jobs of a shared machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_load(
     port: int, groups: list[dict], concurrency: int, per_client: int, max_seconds: float, timeout: float
 ):
@@ -254,32 +261,45 @@ def agreement(runs: list[dict]) -> dict:
     return differences
 
 
+def per_round_ratios(
+    runs: list[dict], name: str, concurrency: int, key: str, ours_over_theirs: bool
+) -> list[float]:
+    """rewardspeed's `key` over (or under) server `name`'s, round by round (runs that saw the same load)."""
+    ratios = []
+    for round_index in sorted({run["round"] for run in runs}):
+        pair = {
+            run["server"]: run[key]
+            for run in runs
+            if run["concurrency"] == concurrency and run["round"] == round_index
+        }
+        if "rewardspeed" in pair and name in pair:
+            ours, theirs = pair["rewardspeed"], pair[name]
+            ratios.append(ours / theirs if ours_over_theirs else theirs / ours)
+    return ratios
+
+
 def summarise(runs: list[dict], args) -> dict:
+    """Per (server, concurrency): medians over rounds, and rewardspeed's per-round ratios against it."""
     table = {}
     for concurrency in args.concurrency:
         for name in args.servers:
             mine = [run for run in runs if run["server"] == name and run["concurrency"] == concurrency]
             row = {
-                "responses_per_s": statistics.median(run["responses_per_s"] for run in mine),
-                "p50_latency_s": statistics.median(run["p50_latency_s"] for run in mine),
-                "p99_latency_s": statistics.median(run["p99_latency_s"] for run in mine),
-                "errors": sum(run["errors"] for run in mine),
-                "responses": sum(run["responses"] for run in mine),
+                key: statistics.median(run[key] for run in mine)
+                for key in ("responses_per_s", "p50_latency_s", "p99_latency_s", "server_cpu_s_per_response")
             }
+            row.update(
+                errors=sum(run["errors"] for run in mine), responses=sum(run["responses"] for run in mine)
+            )
             if name != "rewardspeed":
-                ratios = []
-                for round_index in range(args.rounds):
-                    ours = [
-                        r
-                        for r in runs
-                        if (r["server"], r["concurrency"], r["round"])
-                        == ("rewardspeed", concurrency, round_index)
-                    ]
-                    theirs = [r for r in mine if r["round"] == round_index]
-                    if ours and theirs:
-                        ratios.append(ours[0]["responses_per_s"] / theirs[0]["responses_per_s"])
-                row["rewardspeed_speedup"] = round(statistics.median(ratios), 2) if ratios else None
-                row["per_round_speedups"] = [round(ratio, 2) for ratio in ratios]
+                speedups = per_round_ratios(runs, name, concurrency, "responses_per_s", True)
+                savings = per_round_ratios(runs, name, concurrency, "server_cpu_s_per_response", False)
+                row.update(
+                    rewardspeed_speedup=round(statistics.median(speedups), 2),
+                    per_round_speedups=[round(ratio, 2) for ratio in speedups],
+                    rewardspeed_cpu_saving=round(statistics.median(savings), 2),
+                    per_round_cpu_savings=[round(ratio, 2) for ratio in savings],
+                )
             table[f"{name}@{concurrency}"] = row
     return table
 
@@ -290,22 +310,29 @@ def markdown(result: dict) -> str:
         "",
         f"`{result['command']}`",
         "",
-        "| server | clients | responses/s | p50 latency (s) | p99 latency (s) | errors | rewardspeed speed-up (median of rounds) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| server | clients | responses/s | p50 latency (s) | p99 latency (s) | errors | server CPU s / response "
+        "| rewardspeed: x responses/s | rewardspeed: / CPU per response |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for key, row in result["table"].items():
         name, concurrency = key.split("@")
-        speedup = row.get("rewardspeed_speedup")
+        speedup, saving = row.get("rewardspeed_speedup"), row.get("rewardspeed_cpu_saving")
         lines.append(
             f"| {name} | {concurrency} | {row['responses_per_s']:.2f} | {row['p50_latency_s']:.1f} | "
-            f"{row['p99_latency_s']:.1f} | {row['errors']} | {'' if speedup is None else f'{speedup:.2f}x'} |"
+            f"{row['p99_latency_s']:.1f} | {row['errors']} | {row['server_cpu_s_per_response']:.3f} | "
+            f"{'' if speedup is None else f'{speedup:.2f}x'} | {'' if saving is None else f'{saving:.2f}x'} |"
         )
+    per_round = "; ".join(
+        f"{key} {row['per_round_speedups']} / {row['per_round_cpu_savings']}"
+        for key, row in result["table"].items()
+        if "per_round_speedups" in row
+    )
     lines += [
         "",
-        f"Max |reward difference| from rewardspeed's on the same requests: {result['agreement']}",
-        "",
+        f"Medians over rounds; ratios are medians of per-round ratios (per round: {per_round}).",
+        f"Max |reward difference| from rewardspeed's on the same requests: {result['agreement']}.",
+        f"Traffic: {result['traffic']}. Load average at the end: {result['machine']['load_average']}.",
     ]
-    lines.append(f"Traffic: {result['traffic']}")
     return "\n".join(lines) + "\n"
 
 
@@ -349,6 +376,7 @@ def main() -> None:
         for round_index in range(args.rounds):
             shift = round_index % len(configurations)
             for name, concurrency in configurations[shift:] + configurations[:shift]:
+                cpu_before = cpu_seconds(servers[name].process.pid)
                 result = run_load(
                     servers[name].port,
                     groups,
@@ -357,10 +385,13 @@ def main() -> None:
                     args.max_seconds,
                     args.timeout,
                 )
+                cpu = cpu_seconds(servers[name].process.pid) - cpu_before
+                result["server_cpu_s_per_response"] = round(cpu / max(result["responses"], 1), 4)
                 runs.append({"server": name, "concurrency": concurrency, "round": round_index, **result})
                 print(
                     f"round {round_index} {name:12s} C={concurrency:3d}: {result['responses_per_s']:.2f} responses/s, "
-                    f"p50 {result['p50_latency_s']} s, p99 {result['p99_latency_s']} s, errors {result['errors']}",
+                    f"p50 {result['p50_latency_s']} s, p99 {result['p99_latency_s']} s, errors {result['errors']}, "
+                    f"server CPU {result['server_cpu_s_per_response']} s/response",
                     flush=True,
                 )
     finally:

@@ -35,6 +35,7 @@ from training.data.tokenize import tokenize_response, tokenize_responses
 from training.evaluate import main as evaluate_main
 from training.evaluate import score_responses
 from training.layout import MASK, PADDED, SEGMENTS, choose_layout
+from training.serve import build_parser
 from training.serve import main as serve_main
 from training.serve_client import RewardClient, RewardServerError
 from training.serve_engine import QueueFull, RewardEngine, ScoreGroup
@@ -414,6 +415,14 @@ def test_full_queue_timeout_and_sigterm_drain(servers, saved):
     assert_rewards(answer["rewards"], expected_rewards(saved, "the", [" cat"]))
     assert live.process.wait(60) == 0, live.output()
     assert "drained; 5 responses scored" in live.output() and "Traceback" not in live.output()
+
+
+def test_readme_documents_every_serve_flag():
+    readme = (Path(ROOT) / "README.md").read_text(encoding="utf-8")
+    flags = [
+        option for action in build_parser()._actions for option in action.option_strings if option != "-h"
+    ]
+    assert [flag for flag in flags if flag != "--help" and f"`{flag}`" not in readme] == []
 
 
 def test_bad_flags_and_folders_exit_2(saved, capsys):

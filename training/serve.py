@@ -155,7 +155,7 @@ def build_app(engine, settings: ServeSettings):
     return app
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rewardspeed-serve",
         description=__doc__.split("\n")[0],
@@ -209,6 +209,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="/get_reward 'rewards' normalised with the saved mean/std",
     )
     add("--trust_remote_code", action="store_true", help="allow custom modeling code from the model folder")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse and check the flags; a bad value exits with status 2 and a message naming the flag."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     positive = ("max_seq_len", "max_batch_tokens", "max_queue", "request_timeout_s", "max_request_mb")
     problems = [f"--{name} must be positive" for name in positive if getattr(args, name) <= 0]
