@@ -587,3 +587,81 @@ def test_real_openrlhf_client(server, saved, version, tmp_path):
     want = [expected_rewards(saved, p, [r])[0] for p, r in zip(prompts, responses, strict=True)]
     assert_rewards(answer["rewards"], want)
     assert_rewards(answer["scores"], want)
+
+
+TRL_GRPO = r"""
+import json, sys, tempfile
+from datasets import Dataset
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from trl import GRPOConfig, GRPOTrainer
+from training.serve_client import RewardClient
+
+url, tokenizer_dir = sys.argv[1:3]
+calls = []
+
+
+class Recorded(RewardClient):  # what TRL asked and what the server answered
+    def __call__(self, prompts, completions, **kwargs):
+        rewards = super().__call__(prompts, completions, **kwargs)
+        calls.append({"prompts": prompts, "completions": completions, "rewards": rewards})
+        return rewards
+
+
+tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+tokenizer.add_special_tokens({"pad_token": "<pad>"})
+config = LlamaConfig(
+    vocab_size=44, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=64, max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=tokenizer.pad_token_id,
+)
+policy = LlamaForCausalLM(config)
+prompts = Dataset.from_dict({"prompt": ["the cat has a red hat . what color", "where is the box"]})
+arguments = GRPOConfig(
+    output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4, num_generations=2, max_completion_length=6,
+    max_steps=1, logging_steps=1, report_to="none", use_cpu=True, save_strategy="no", seed=0,
+)
+trainer = GRPOTrainer(
+    model=policy, reward_funcs=Recorded(url), args=arguments, train_dataset=prompts, processing_class=tokenizer
+)
+trainer.train()
+print(json.dumps({"calls": calls, "log": trainer.state.log_history}))
+"""
+
+
+@pytest.mark.slow
+def test_real_trl_grpo_trainer_with_reward_client(server, saved, tmp_path):
+    """One GRPO step of TRL 1.16 on a tiny policy with `reward_funcs=RewardClient(url)`: every completion it
+    generated is scored by the server as `evaluate --score` scores it, and TRL logs the reward."""
+    from test_consumers import VENV_ROOT, file_lock, pip_install
+
+    venv = VENV_ROOT / "trl116-client"
+    python = venv / "bin" / "python"
+    with file_lock(VENV_ROOT / "trl116-client.lock"):
+        if not (venv / "trl-installed").exists():
+            # TRL 1.16 runs on this environment's torch, transformers 5, accelerate and datasets: only TRL is added.
+            subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+            pip_install(python, ("--no-deps", "trl==1.16.0"))
+            (venv / "trl-installed").write_text("trl==1.16.0\n")
+    script = tmp_path / "grpo.py"
+    script.write_text(TRL_GRPO)
+    tokenizer_folder = str(Path(saved[0]).parent / "base" / "tokenizer")
+    environment = {**launcher_environment(), "PYTHONPATH": ROOT, "WANDB_DISABLED": "true"}
+    completed = subprocess.run(
+        [str(python), str(script), f"http://127.0.0.1:{server.port}", tokenizer_folder],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=900,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    answer = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert answer["calls"], "TRL never called the reward function"
+    for call in answer["calls"]:
+        assert len(call["rewards"]) == len(call["completions"]) == 4
+        for prompt, completion, reward in zip(
+            call["prompts"], call["completions"], call["rewards"], strict=True
+        ):
+            assert_rewards([reward], expected_rewards(saved, prompt, [completion]))
+    logged = [record for record in answer["log"] if "rewards/rewardspeed/mean" in record]
+    assert logged and all(
+        record["rewards/rewardspeed/mean"] == record["rewards/rewardspeed/mean"] for record in logged
+    )

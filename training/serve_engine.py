@@ -161,11 +161,12 @@ class RewardEngine:
                     f"{self._outstanding} responses already queued; {job.remaining} more would exceed "
                     f"--max_queue {self.max_queue}"
                 )
+            if job.remaining == 0:
+                job.future.set_result(job.rewards)
+                return job.future
             self._outstanding += job.remaining
-        if job.remaining == 0:
-            job.future.set_result(job.rewards)
-            return job.future
-        self._tokenizer_thread.submit(self._enqueue, job)
+            # Under the lock: `stop` cannot shut the tokenizer thread down between the check and this.
+            self._tokenizer_thread.submit(self._enqueue, job)
         return job.future
 
     def score(self, groups: Sequence[ScoreGroup], timeout: float | None = None) -> list[list[float]]:
