@@ -106,6 +106,7 @@ def create_hf_model(
     dropout: float | None = None,
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
     """Build a transformers model (e.g. `AutoModel`) ready for DeepSpeed.
 
@@ -117,7 +118,12 @@ def create_hf_model(
         rlhf_training: build from the config only (weights are loaded afterwards, e.g. a trained reward model).
         dropout: set every dropout probability to this value (0.0 disables dropout); None keeps the config's.
         dtype: dtype to load the weights in (None: the checkpoint's own, as transformers decides).
+        attn_implementation: "sdpa", "eager", "flex_attention", "flash_attention_2", ... (None: transformers'
+            default for the architecture, sdpa where it has it).
     """
+    options = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation is not None:
+        options["attn_implementation"] = attn_implementation
     config = read_config(model_name_or_path, trust_remote_code=trust_remote_code)
     configure_dropout(config, dropout)
     # An added pad token may lie beyond the checkpoint's rows until the embeddings grow: set it after.
@@ -126,16 +132,14 @@ def create_hf_model(
     with zero3_init_context(ds_config):
         if rlhf_training:
             try:
-                model = model_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+                model = model_class.from_config(config, **options)
             except Exception as error:  # a config.json transformers parses but cannot build (e.g. 0 heads)
                 raise CheckpointError(
                     f"{model_name_or_path}: cannot build {model_class.__name__} from its config "
                     f"({one_line(error)})"
                 ) from error
         else:
-            model = model_class.from_pretrained(
-                model_name_or_path, config=config, dtype=dtype, trust_remote_code=trust_remote_code
-            )
+            model = model_class.from_pretrained(model_name_or_path, config=config, **options)
         resize_embeddings_upward(model, tokenizer, ds_config)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.end_token_id = tokenizer.eos_token_id
@@ -152,6 +156,7 @@ def create_critic_model(
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
     head_seed: int = 0,
+    attn_implementation: str | None = None,
 ) -> RewardModel:
     """Build a `RewardModel`: a new head on a pretrained backbone, or (PPO) a trained reward model reloaded.
 
@@ -169,6 +174,7 @@ def create_critic_model(
         dropout=dropout,
         dtype=dtype,
         trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation,
     )
     reward_model = RewardModel(backbone, num_padding_at_beginning=num_padding_at_beginning)
     if rlhf_training:
@@ -192,6 +198,7 @@ def load_reward_model(
     num_padding_at_beginning: int = 0,
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
 ) -> tuple[RewardModel, PreTrainedTokenizerBase]:
     """(reward model in eval mode, tokenizer) from a saved reward model folder (any layout), one process.
 
@@ -212,5 +219,6 @@ def load_reward_model(
         dropout=0.0,
         dtype=dtype,
         trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation,
     )
     return reward_model.eval(), tokenizer

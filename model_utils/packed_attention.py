@@ -14,8 +14,12 @@ computes in `prompt + response_i` alone. Two ways to tell the backbone which tok
   `AttentionInterface` by `use_segment_attention`, which switches a built model once; for any call without a
   plan it IS sdpa, so the switched model scores padded batches as before.
 
-Backbones whose position information does not come from `position_ids` (Bloom's ALiBi is built from the 2D
-mask) cannot take either and are refused by `supports_packing`.
+Whether a backbone can take either is decided in two steps. `supports_packing` and `supports_segment_attention`
+read the config and refuse, with the reason, what cannot be exact: ALiBi (built from the 2D mask), bidirectional
+attention, attention kernels that take no 4D mask, a sliding window (or attention chunk) shorter than the longest
+sequence, logit softcapping under segment attention. What a config cannot tell, whether the decoder layers hand
+the plan through to attention (StableLM's do not) or whether the model switches attention at all (Falcon and
+Bloom only warn), is measured on the model itself at start-up (`training/probe.py`).
 
 On GPU with `flash_attention_2`/`_3` a 4D mask cannot be used. Packing alone (no sharing) has a native varlen
 path there: call the backbone with `attention_mask=None` and the restarted `position_ids` (transformers then
@@ -39,45 +43,117 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 # an unshared sequence, i >= 1 for the tokens of response branch i.
 SHARED = 0
 
-# Backbones checked token for token against the plain padded batch (tests/test_packing.py).
-EXACT_MODEL_TYPES = ("llama", "qwen2", "gpt2", "opt", "gpt_neox")
 # The backbone attention that reads a `SegmentPlan` (and is exactly `sdpa` for any other call).
 SEGMENT_ATTENTION = "rewardspeed_segments"
+# Attention implementations that take a packed row: a 4D mask (sdpa, eager) or a `SegmentPlan`.
 MASK_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", SEGMENT_ATTENTION)
+# Backbones whose every layer adds ALiBi biases (others say so with an `alibi` setting: Falcon, MPT).
+ALIBI_MODEL_TYPES = ("bloom",)
+# Also exact with packed rows, through their own kernels' arguments (GPU): a BlockMask, or varlen sequence starts.
+FLEX_ATTENTION = "flex_attention"
+FLASH_ATTENTIONS = ("flash_attention_2", "flash_attention_3")
+KERNEL_ATTENTION_IMPLEMENTATIONS = (FLEX_ATTENTION, *FLASH_ATTENTIONS)
 
 
-def supports_packing(config: PretrainedConfig) -> tuple[bool, str]:
-    """Whether packed / prompt-shared batches give exactly the plain batch's rewards for this backbone.
+def uses_alibi(config: PretrainedConfig) -> bool:
+    """Whether the backbone adds ALiBi biases (Bloom; Falcon with `alibi=True`; MPT's `attn_config.alibi`)."""
+    attention_config = getattr(config, "attn_config", None)
+    nested = (
+        attention_config.get("alibi")
+        if isinstance(attention_config, dict)
+        else getattr(attention_config, "alibi", False)
+    )
+    return config.model_type in ALIBI_MODEL_TYPES or bool(getattr(config, "alibi", False)) or bool(nested)
+
+
+def attention_window(config: PretrainedConfig) -> tuple[str, int] | None:
+    """The narrowest attention a layer of this backbone applies, as (setting, tokens), or None when every layer
+    attends to the whole sequence. A token sees `sliding_window` tokens, itself included.
+
+    Read as transformers 5 applies them: `sliding_window` for every layer (Mistral, Mixtral, Phi-3, Starcoder2)
+    unless `use_sliding_window` is off (Qwen2/3, Qwen3-MoE, SmolLM3: their `max_window_layers` and
+    `no_rope_layers` are folded into `layer_types` by the config); `layer_types` naming `sliding_attention`
+    (Gemma 2/3, Cohere2, SmolLM3) or `chunked_attention` (`attention_chunk_size`, Llama 4) layers; GPT-Neo's
+    `local` layers (`window_size`). A window whose `layer_types` name no sliding layer is still counted: the
+    rule errs towards refusing a long run, never towards a wrong reward.
+
+    >>> from transformers import MistralConfig
+    >>> attention_window(MistralConfig(sliding_window=4))
+    ('sliding_window', 4)
+    """
+    layer_types = getattr(config, "layer_types", None) or ()
+    sliding_window = getattr(config, "sliding_window", None)
+    windows = []
+    if sliding_window and ("sliding_attention" in layer_types or getattr(config, "use_sliding_window", True)):
+        windows.append(("sliding_window", sliding_window))
+    chunk = getattr(config, "attention_chunk_size", None)
+    if chunk and "chunked_attention" in layer_types:
+        windows.append(("attention_chunk_size", chunk))
+    if "local" in (getattr(config, "attention_layers", None) or ()):
+        windows.append(("window_size", config.window_size))
+    return min(windows, key=lambda window: window[1]) if windows else None
+
+
+def supports_packing(config: PretrainedConfig, longest_sequence: int) -> tuple[bool, str]:
+    """Whether packed / prompt-shared rows CAN give the plain batch's rewards on this backbone, read from its
+    config; the start-up probe (`training/probe.py`) then checks that they do, on the model itself.
+
+    Args:
+        longest_sequence: the most tokens one sequence (with prompt sharing: the prompt + one response) of
+            the run can hold, i.e. its `max_seq_len`.
 
     Returns:
-        (True, "") or (False, the reason, naming the backbone and what to do instead).
+        (True, "") or (False, the reason, naming the backbone and the setting).
 
-    >>> from transformers import BloomConfig, LlamaConfig
-    >>> supports_packing(LlamaConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=2))[0]
+    A packed row hands attention a 4D mask (or a segment plan) that transformers uses as is, so a sliding
+    window is never applied to it: packing is exact only when every sequence fits the window.
+
+    >>> from transformers import BloomConfig, LlamaConfig, MistralConfig
+    >>> supports_packing(LlamaConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=2), 512)[0]
     True
-    >>> supports_packing(BloomConfig(n_layer=1, hidden_size=8, n_head=2))[1][:40]
+    >>> supports_packing(BloomConfig(n_layer=1, hidden_size=8, n_head=2), 512)[1][:40]
     'bloom: ALiBi position biases are built f'
+    >>> supports_packing(MistralConfig(sliding_window=4), 32)[1][:41]
+    'mistral: sliding_window=4 is shorter than'
     """
     model_type = config.model_type
-    if model_type == "bloom":
+    if uses_alibi(config):
         return False, (
-            "bloom: ALiBi position biases are built from the 2D attention mask, so restarted positions and a "
-            "custom 4D mask cannot be given; train without --packing/--share_prompt"
+            f"{model_type}: ALiBi position biases are built from the 2D attention mask, so a packed row's "
+            "restarted positions and 4D mask cannot be given"
         )
-    if model_type not in EXACT_MODEL_TYPES:
-        return False, (
-            f"{model_type}: packing is verified only for {', '.join(EXACT_MODEL_TYPES)}; train without "
-            "--packing/--share_prompt"
-        )
-    # None: not chosen yet (a config not bound to a model).
+    if getattr(config, "use_bidirectional_attention", False) or getattr(config, "is_causal", True) is False:
+        return False, f"{model_type}: bidirectional attention; packed rows are built for causal attention"
+    # None: not chosen yet (a config read from disk, not bound to a model).
     attention = config._attn_implementation
-    if attention is not None and attention not in MASK_ATTENTION_IMPLEMENTATIONS:
+    if (
+        attention is not None
+        and attention not in MASK_ATTENTION_IMPLEMENTATIONS + KERNEL_ATTENTION_IMPLEMENTATIONS
+    ):
         return False, (
-            f"{model_type} with attn_implementation={attention!r}: packed batches need a 4D mask, which only "
-            f"{' and '.join(MASK_ATTENTION_IMPLEMENTATIONS)} take; load the model with attn_implementation='sdpa'"
+            f"{model_type} with attn_implementation={attention!r}: packed batches need sdpa, eager, "
+            "flex_attention or flash attention; load the model with attn_implementation='sdpa'"
         )
-    if any(layer == "sliding_attention" for layer in getattr(config, "layer_types", None) or ()):
-        return False, f"{model_type}: sliding-window layers are not expressed by the packed mask"
+    window = attention_window(config)
+    if window is not None and window[1] < longest_sequence:
+        setting, tokens = window
+        return False, (
+            f"{model_type}: {setting}={tokens} is shorter than the longest sequence ({longest_sequence} "
+            f"tokens); packed rows apply no window, so they equal the plain batch only when every sequence "
+            f"fits it (a token sees {tokens} tokens, itself included)"
+        )
+    return True, ""
+
+
+def supports_segment_attention(config: PretrainedConfig) -> tuple[bool, str]:
+    """Whether segment attention can stand in for this backbone's attention (config only; whether the layers
+    hand the plan through is measured by the start-up probe). Returns (True, "") or (False, the reason)."""
+    attention = config._attn_implementation
+    if attention not in ("sdpa", SEGMENT_ATTENTION):
+        return False, f"segment attention replaces sdpa, the backbone runs {attention!r}"
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if softcap is not None:
+        return False, f"attn_logit_softcapping={softcap}, which SDPA cannot apply"
     return True, ""
 
 
@@ -113,11 +189,13 @@ class SegmentPlan:
     `sizes` splits the row into parts; `steps[i]` says how part i attends: `("causal",)` (one sequence, or the
     prompt + first branch of a shared sequence), `("branch", head, prefix, mask)` (a later branch: keys are the
     first `prefix` keys of part `head` and its own), `("block", mask)` (several short sequences with a
-    block-diagonal mask: one SDPA call instead of one per sequence).
+    block-diagonal mask: one SDPA call instead of one per sequence). `longest` is the most keys any query
+    attends to (a sequence, or a prompt + one branch): a sliding window at least that wide changes nothing.
     """
 
     sizes: list[int]
     steps: list[tuple]
+    longest: int = 0
 
 
 # Sequences shorter than this are attended together in blocks of up to this many tokens: per-call overhead
@@ -135,10 +213,11 @@ def plan_segments(
     if block_tokens is None:
         block_tokens = SEGMENT_BLOCK_TOKENS
     blocks: list[list[tuple[int, list[int]]]] = []
-    block_length = 0
+    block_length, longest = 0, 0
     for _, prefix, *branches in segments:
         branches = [length for length in branches if length]
         length = prefix + sum(branches)
+        longest = max(longest, prefix + max(branches, default=0))
         if not blocks or block_length + length > block_tokens:
             blocks.append([])
             block_length = 0
@@ -165,7 +244,37 @@ def plan_segments(
         sequence_id = torch.repeat_interleave(torch.arange(len(block)), lengths)
         sizes.append(int(lengths.sum()))
         steps.append(("block", packed_attention_mask(sequence_id, torch.tensor(kinds)).to(device)))
-    return SegmentPlan(sizes, steps)
+    return SegmentPlan(sizes, steps, longest)
+
+
+# Keywords the decoder layers hand attention that segment attention may ignore: they carry no attention math
+# (`sliding_window` and `is_causal` are checked against the plan by `check_plan_arguments`).
+PASSIVE_ATTENTION_KEYWORDS = frozenset(
+    {"position_ids", "use_cache", "cache_position", "output_attentions", "sliding_window", "is_causal"}
+)
+
+
+def check_plan_arguments(module: nn.Module, plan: SegmentPlan, keywords: dict) -> None:
+    """Raise ValueError naming what segment attention cannot honour for this plan, where ignoring it would
+    change the rewards silently: a sliding window narrower than a sequence of the plan, a non-causal module,
+    and any other keyword with a value (`softcap`, `position_bias`, attention sinks, ...)."""
+    window = keywords.get("sliding_window")
+    if window is not None and window < plan.longest:
+        raise ValueError(
+            f"segment attention applies no window: sliding_window={window} is narrower than a sequence of "
+            f"{plan.longest} tokens"
+        )
+    if keywords.get("is_causal", getattr(module, "is_causal", True)) is False:
+        raise ValueError(f"segment attention is causal; {type(module).__name__} is not")
+    ignored = sorted(
+        name
+        for name, value in keywords.items()
+        if value is not None and name not in PASSIVE_ATTENTION_KEYWORDS
+    )
+    if ignored:
+        raise ValueError(
+            f"segment attention cannot apply {', '.join(ignored)} (given by {type(module).__name__})"
+        )
 
 
 def segment_attention_forward(
@@ -200,6 +309,7 @@ def segment_attention_forward(
     plan = rewardspeed_segments
     if sum(plan.sizes) != query.shape[2]:
         raise ValueError(f"segments cover {sum(plan.sizes)} tokens, the row has {query.shape[2]}")
+    check_plan_arguments(module, plan, kwargs)
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: every query head gets its key/value head
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
@@ -252,3 +362,65 @@ def use_segment_attention(reward_model: nn.Module) -> None:
             f"{type(reward_model.backbone).__name__} did not switch to {SEGMENT_ATTENTION!r} attention; "
             "collate without segment attention (a 4D mask) instead"
         )
+
+
+def stop_segment_attention(reward_model: nn.Module) -> None:
+    """Switch a backbone from `SEGMENT_ATTENTION` back to sdpa (a no-op for any other attention)."""
+    if reward_model.config._attn_implementation == SEGMENT_ATTENTION:
+        reward_model.backbone.set_attn_implementation("sdpa")
+
+
+# --- the same segment rows for FlexAttention and flash attention (GPU kernels) -----------------------------------
+
+
+def segment_ids(
+    segments: Sequence[Sequence[int]], length: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(sequence_id, kind)` `[L]` of a segment row (`plan_segments` describes its rows): each token's sequence
+    (-1 for tokens past the last sequence) and its kind (0 for the prefix, i for branch i).
+
+    >>> segment_ids([(0, 2, 1, 2), (5, 3, 0, 0)], 8, torch.device("cpu"))[1].tolist()
+    [0, 0, 1, 2, 2, 0, 0, 0]
+    """
+    sequence_id = torch.full((length,), -1, dtype=torch.long)
+    kind = torch.zeros(length, dtype=torch.long)
+    for index, (start, prefix, *branches) in enumerate(segments):
+        end = start + prefix
+        sequence_id[start:end] = index
+        for branch, branch_length in enumerate(branches, start=1):
+            sequence_id[end : end + branch_length] = index
+            kind[end : end + branch_length] = branch
+            end += branch_length
+    return sequence_id.to(device), kind.to(device)
+
+
+def segment_block_mask(segments: Sequence[Sequence[int]], length: int, device: torch.device):
+    """A FlexAttention `BlockMask` `[1, 1, L, L]` of a segment row, built once per micro-batch: a token attends
+    causally within its sequence, a branch token only to the prefix and its own branch (`packed_attention_mask`'s
+    rule). transformers hands a `BlockMask` given as `attention_mask` to its flex_attention backend as is
+    (`masking_utils._preprocess_mask_arguments`), which also applies the backbone's softcapping and GQA."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    sequence_id, kind = segment_ids(segments, length, device)
+
+    def attends(batch, head, query, key):
+        same_sequence = (sequence_id[query] == sequence_id[key]) & (sequence_id[query] >= 0)
+        return same_sequence & (query >= key) & ((kind[key] == SHARED) | (kind[key] == kind[query]))
+
+    return create_block_mask(attends, None, None, length, length, device=device)
+
+
+def varlen_kwargs(segments: Sequence[Sequence[int]], device: torch.device) -> dict[str, torch.Tensor | int]:
+    """Flash attention's varlen arguments for a row of unshared sequences (`DataCollatorWithFlattening`'s names):
+    cumulative sequence starts and the longest sequence, computed on the host so the kernel needs no sync."""
+    lengths = [prefix + sum(branches) for _, prefix, *branches in segments]
+    if any(any(branches) for _, _, *branches in segments):
+        raise ValueError("flash attention's varlen path takes unshared sequences only (no prompt branches)")
+    starts = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    longest = max(lengths)
+    return {
+        "cu_seq_lens_q": starts,
+        "cu_seq_lens_k": starts,
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }

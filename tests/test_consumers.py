@@ -231,7 +231,7 @@ def test_transformers_451_loads_the_hf_folder_as_is_and_scores_the_same(saved):
         if side == "left" and architecture in ABSOLUTE_POSITION_ARCHITECTURES:
             scores = result["scores"]["left_with_position_ids"]
         assert_scores(f"{architecture} transformers 4.51 {side}-padded", scores, expected)
-    # RewardBench 0.1.4 (left padding, logits[:, 0]) and text-classification pipeline (function_to_apply="none").
+    # RewardBench 0.1.4 (left padding, logits[:, 0]) and the text-classification pipeline (defaults: raw scores).
     left = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
     expected = our_rewards(reward_model, left["input_ids"], left["attention_mask"])
     rewardbench = torch.tensor(result["rewardbench"])

@@ -260,19 +260,6 @@ def test_folder_with_train_and_test_files_uses_its_test_split(tmp_path, tokenize
     assert [row.prompt for row in folder.eval_rows] == [f"Question test{index}?" for index in range(4)]
 
 
-def test_hub_dataset_uses_train_and_test_splits(monkeypatch, tokenizer):
-    datasets = pytest.importorskip("datasets")
-    splits = {"train": text_pairs(10, "train"), "test": text_pairs(2, "test")}
-    fake_hub = datasets.DatasetDict({name: datasets.Dataset.from_list(rows) for name, rows in splits.items()})
-    monkeypatch.setattr(datasets, "load_dataset", lambda name: fake_hub)
-    data = load_preference_data(["org/pairs"], tokenizer, 64, data_split="1", phase_index=0)
-    assert (data.stats["train_pairs"], data.stats["eval_pairs"]) == (10, 2)
-    splits["train"][3]["chosen"] = None
-    fake_hub = datasets.DatasetDict({name: datasets.Dataset.from_list(rows) for name, rows in splits.items()})
-    with pytest.raises(DataError, match=r"org/pairs\[train\] row 3: field 'chosen'"):
-        read_preference_rows("org/pairs")
-
-
 def test_chat_rows_need_a_chat_template():
     tokenizer = build_tokenizer()
     tokenizer.chat_template = None
@@ -529,7 +516,7 @@ def test_collator_rejects_bad_settings():
 
 
 def test_docstring_examples():
-    for name in ("records", "sources", "formats", "splits", "tokenize", "load", "collate"):
+    for name in ("records", "sources", "dataset_splits", "formats", "splits", "tokenize", "load", "collate"):
         module = importlib.import_module(f"training.data.{name}")
         assert doctest.testmod(module).failed == 0, name
 

@@ -154,3 +154,21 @@ def test_bad_inputs_exit_2_naming_the_problem(setup, tmp_path, capsys):
     assert main(["--model_name_or_path", folders["hf"], "--data_path", str(tmp_path / "bad.jsonl")]) == 2
     assert "rejected" in capsys.readouterr().err
     assert os.path.isdir(folders["hf"])
+
+
+def test_multi_split_folder_is_refused_until_a_split_is_named(setup, tmp_path, capsys):
+    _, _, folders, _ = setup
+    (tmp_path / "data").mkdir()
+    for split, pairs in (("train_prefs", PAIRS), ("train_sft", PAIRS), ("test_prefs", PAIRS[:3])):
+        write_jsonl(tmp_path / "data" / f"{split}-00000-of-00001.jsonl", pairs)
+    model = ["--model_name_or_path", folders["hf"], "--data_path"]
+    assert main([*model, str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "several training splits (train_prefs, train_sft)" in error and "Traceback" not in error
+    for source, num_pairs in (
+        (f"{tmp_path}:test_prefs", 3),  # an evaluation split: all its rows
+        (f"{tmp_path}:train_prefs", 3),  # its paired evaluation split, test_prefs
+        (f"{tmp_path}:train_sft[:2]", 2),  # no test_sft: the split's own rows
+    ):
+        assert main([*model, source]) == 0
+        assert final_record(capsys)["num_pairs"] == num_pairs, source

@@ -17,7 +17,7 @@ from model_utils.packed_attention import supports_packing, use_segment_attention
 from training.arguments import TrainConfig
 from training.data.collate import PackedCollator, PaddedCollator, pack_lengths
 from training.errors import ConfigError
-from training.layout import MASK, SEGMENTS, BatchLayout, batch_rewards, choose_layout
+from training.layout import MASK, SEGMENTS, BatchLayout, batch_rewards, layout_candidates
 from training.losses import pairwise_loss
 from training.sampling import length_grouped_order
 
@@ -97,7 +97,7 @@ def tokens_computed(batch: dict[str, torch.Tensor]) -> int:
 
 def packed_rewards(model: RewardModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The trainer's forward for a packed batch, with the layout its collator made (switching to segment
-    attention first, as `choose_layout` does when the model is built)."""
+    attention first, as the start-up probe does)."""
     segments = "segments" in batch
     if segments:
         use_segment_attention(model)
@@ -122,11 +122,11 @@ def packed(
 def test_packed_rewards_and_gradients_equal_plain(architecture):
     model = build_model(architecture)
     pairs = make_pairs()
-    supported, reason = supports_packing(model.config)
+    supported, reason = supports_packing(model.config, longest_sequence=512)
     if not supported:
         assert architecture == "bloom" and "ALiBi" in reason
         with pytest.raises(ConfigError, match="bloom"):
-            choose_layout(TrainConfig(packing="on"), model)
+            layout_candidates(TrainConfig(packing="on"), model.config)
         return
     expected_chosen, expected_rejected, expected_gradients = rewards_and_gradients(
         model, lambda: plain(model, pairs)
@@ -253,13 +253,13 @@ def test_sharing_computes_each_prompt_once():
 
 
 def test_supports_packing_refuses_with_reasons():
-    assert supports_packing(tiny_config("bloom"))[0] is False
-    assert "ALiBi" in supports_packing(tiny_config("bloom"))[1]
+    assert supports_packing(tiny_config("bloom"), 512)[0] is False
+    assert "ALiBi" in supports_packing(tiny_config("bloom"), 512)[1]
     config = tiny_config("llama")
-    config._attn_implementation = "flash_attention_2"
-    supported, reason = supports_packing(config)
-    assert not supported and "flash_attention_2" in reason and "sdpa" in reason
-    assert supports_packing(GPT2Config(n_layer=1))[0]
+    config._attn_implementation = "paged_attention"
+    supported, reason = supports_packing(config, 512)
+    assert not supported and "paged_attention" in reason and "sdpa" in reason
+    assert supports_packing(GPT2Config(n_layer=1), 512)[0]
 
 
 def test_pack_lengths_and_length_grouped_order_are_deterministic():
@@ -309,10 +309,12 @@ def test_zero3_packed_shared_training_equals_plain(tmp_path):
     torchrun([os.path.join(SCRIPTS, "zero_packing.py"), *arguments, "--stage", "3", "--accumulation", "2"])
     for result in read_rank_results(str(tmp_path)):
         # Losses of 6 micro-steps (3 optimizer steps): equal, so packed gradients trained the same weights.
-        for run in ("packed_forward", "segments", "segments_alone"):
+        for run in ("packed_forward", "segments", "segments_alone", "probed"):
             torch.testing.assert_close(
                 torch.tensor(result[run]), torch.tensor(result["plain"]), rtol=1e-4, atol=1e-7, msg=run
             )
+        assert "attention mask" in result["probed_layout"]
+        assert "segments ValueError: segment attention cannot apply position_ids" in result["probed_layout"]
 
 
 @pytest.mark.gpu

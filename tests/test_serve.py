@@ -34,7 +34,8 @@ from training.data.records import DataError
 from training.data.tokenize import tokenize_response, tokenize_responses
 from training.evaluate import main as evaluate_main
 from training.evaluate import score_responses
-from training.layout import MASK, PADDED, SEGMENTS, choose_layout
+from training.layout import MASK, PADDED, SEGMENTS
+from training.probe import choose_layout
 from training.serve import build_parser
 from training.serve import main as serve_main
 from training.serve_client import RewardClient, RewardServerError
@@ -445,7 +446,7 @@ def test_bad_flags_and_folders_exit_2(saved, capsys):
 
 
 def engine_for(reward_model, tokenizer, **options) -> RewardEngine:
-    layout = choose_layout(TrainConfig(max_seq_len=MAX_SEQ_LEN), reward_model)
+    layout = choose_layout(TrainConfig(max_seq_len=MAX_SEQ_LEN), reward_model, tokenizer.pad_token_id)
     return RewardEngine(reward_model, tokenizer, layout, MAX_SEQ_LEN, **options)
 
 

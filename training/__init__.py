@@ -3,7 +3,8 @@
     arguments.py      one typed config (`TrainConfig`), DeepSpeed-Chat flag names, the embedded default run
     ds_config.py      DeepSpeed JSON configs, their "auto" fields filled from the flags
     data/             preference data: sources -> formats -> splits -> tokenize -> collate
-    layout.py         the batch layout (padded, packed, prompt-shared), decided once; the forward it needs
+    layout.py         the batch layout (padded, packed, prompt-shared): what the config allows; the forward
+    probe.py          the start-up probe: the fastest layout proved exact on the model itself (choose_layout)
     sampling.py       the epoch order
     losses.py         pairwise losses as pure functions
     trainer.py        the loop and evaluation
@@ -28,7 +29,8 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "training.arguments": ("TrainConfig", "parse_args"),
         "training.errors": ("ConfigError", "TrainingError"),
         "training.data.load": ("load_preference_data",),
-        "training.layout": ("BatchLayout", "choose_layout", "batch_rewards"),
+        "training.layout": ("BatchLayout", "layout_candidates", "batch_rewards"),
+        "training.probe": ("choose_layout",),
         "training.losses": ("pairwise_loss",),
         "training.metrics": ("ranking_statistics", "reward_statistics"),
         "training.trainer": ("train", "run_evaluation"),

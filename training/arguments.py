@@ -33,6 +33,14 @@ DEFAULT_RUN = (
     "--dropout", "0.0", "--eval_interval", "50", "--output_dir", "output/default_rm",
 )  # fmt: skip
 LOSS_TYPES = ("pairwise", "dschat")
+ATTENTION_IMPLEMENTATIONS = (
+    "auto",
+    "sdpa",
+    "eager",
+    "flex_attention",
+    "flash_attention_2",
+    "flash_attention_3",
+)
 LISTWISE_LOSSES = ("pairs", "plackett_luce")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 SWITCH = ("auto", "on", "off")
@@ -49,8 +57,10 @@ class TrainConfig:
     data_path: list[str] = field(
         default_factory=lambda: [DEFAULT_DATA],
         metadata=_help(
-            "Preference sources (files, folders, hub names), blended. 'default' is the project's generated "
-            "set. A trailing [start:stop] selects rows, e.g. test.jsonl.gz[:2012]."
+            "Preference sources (files, folders, save_to_disk folders, hub names), blended. 'default' is the "
+            "project's generated set. SOURCE:SUBSET:SPLIT (or SOURCE:SPLIT) chooses a subset and split; a source "
+            "with several and none chosen is refused with the list. A trailing [start:stop] selects rows, e.g. "
+            "test.jsonl.gz[:2012]."
         ),
     )
     data_split: str = field(
@@ -61,7 +71,11 @@ class TrainConfig:
         ),
     )
     eval_data_path: list[str] = field(
-        default_factory=list, metadata=_help("Evaluation sources (default: each source's own eval split).")
+        default_factory=list,
+        metadata=_help(
+            "Evaluation sources, e.g. DIR:test_prefs (default: the eval split paired with each source's "
+            "training split, e.g. test_prefs for train_prefs)."
+        ),
     )
     eval_fraction: float = field(
         default=0.1, metadata=_help("Held-out fraction for sources without an eval split (never trained on).")
@@ -107,6 +121,15 @@ class TrainConfig:
     )
     trust_remote_code: bool = field(
         default=False, metadata=_help("Allow custom modeling code from the model folder.")
+    )
+    attn_implementation: str = field(
+        default="auto",
+        metadata=_help(
+            "The backbone's attention. auto: transformers' default (sdpa where the architecture has it; packed "
+            "batches then use segment attention); flex_attention (GPU): packing and prompt sharing through one "
+            "BlockMask per micro-batch; flash_attention_2/3 (GPU): packing through the varlen path, no sharing.",
+            choices=ATTENTION_IMPLEMENTATIONS,
+        ),
     )
     num_frozen_layers: int = field(
         default=0, metadata=_help("Freeze the embeddings and the first N transformer layers (0: train all).")

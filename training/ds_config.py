@@ -38,6 +38,23 @@ def resolve_dtype(dtype: str) -> str:
     return dtype
 
 
+def resolve_attention(attn_implementation: str) -> str | None:
+    """`--attn_implementation` for the factory: None for `auto` (transformers' default); the GPU kernels are refused
+    on a machine without CUDA, with the reason, before anything loads."""
+    if attn_implementation == AUTO:
+        return None
+    if attn_implementation.startswith(("flex", "flash")) and not torch.cuda.is_available():
+        why = (
+            "FlexAttention has no backward pass on CPU"
+            if attn_implementation.startswith("flex")
+            else "it needs CUDA"
+        )
+        raise ConfigError(
+            f"--attn_implementation {attn_implementation}: not on this machine ({why}); use sdpa or eager"
+        )
+    return attn_implementation
+
+
 def torch_dtype(dtype: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 

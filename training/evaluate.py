@@ -5,15 +5,24 @@ Usage:
     python -m training.evaluate --model_name_or_path output/rm --data_path hh/ --plot rm.png \
         --training_output output/rm
     python -m training.evaluate --model_name_or_path output/rm --score --prompt "Hi" --response " Hello!"
+    python -m training.evaluate --model_name_or_path output/rm --score \
+        --messages '[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]'
+    python -m training.evaluate --model_name_or_path output/rm --score --score_file to_score.jsonl
 
 The model folder may be in any saved layout (hf, auto_map, dschat); it is loaded as a critic
 (`create_critic_model(rlhf_training=True)`), in one process, without DeepSpeed.
 
-Which rows: a source with its own evaluation split (a folder with `test*`/`eval*` files, a hub dataset with a
-test split) is evaluated on that split; a source without one (a single file) on all its rows. Training
-with `--eval_data_path` unset holds out a seeded share of such a file instead, so to reproduce the trainer's
-numbers pass the same evaluation file to both. Rows are tokenised exactly as in training (`tokenize_rows`), and
-`--score` texts through the same truncation (`tokenize_response`).
+Which rows: a source with an evaluation split (a folder with `train*` and `test*` files, `DIR:train_prefs` with
+`test_prefs`, see `training/data/dataset_splits.py`) is evaluated on that split; a source without one (a single
+file, `DIR:test_prefs`) on all its rows. Training with `--eval_data_path` unset holds out a seeded share of such a
+file instead, so to reproduce the trainer's numbers pass the same evaluation file to both. Rows are tokenised
+exactly as in training (`tokenize_rows`).
+
+`--score` scores single responses the way training reads a reward (`tokenize_response`: rendered with the saved
+chat template when given messages, one EOS, the same truncation): `--prompt`/`--response` texts, `--messages`
+conversations (JSON; the response is the final assistant turn), or `--score_file` JSON lines, each
+`{"prompt": ..., "response": ...}` (texts or messages) or `{"messages": [...]}`. Each prints its input with its
+`reward`.
 
 The last line printed is one JSON object: `accuracy` over every comparison (ties count as wrong), `chosen_mean`,
 `rejected_mean`, `margin_mean`, `reward_mean`, `reward_std`, `num_pairs` (comparisons), `num_prompts`,
@@ -73,15 +82,77 @@ def example_rewards(
     return table
 
 
+def conversation_parts(messages: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(prompt, response) of a conversation: the response is its final assistant turn(s). Raises `RowError`."""
+    from training.data.records import RowError
+
+    start = len(messages)
+    while start > 0 and messages[start - 1]["role"] == "assistant":
+        start -= 1
+    if start == len(messages):
+        raise RowError(
+            "empty_response", "messages", "must end with an assistant turn (the response to score)"
+        )
+    return messages[:start], messages[start:]
+
+
+def score_item(value: Any, origin: str) -> tuple[dict, Any, Any]:
+    """(as given, prompt, response) of one `{"messages": [...]}` or `{"prompt", "response"}` object."""
+    from training.data.formats import content_field
+    from training.data.records import DataError, RowError
+
+    if not isinstance(value, dict):
+        raise DataError(f"{origin}: expected a JSON object with messages, or prompt and response")
+    try:
+        if "messages" in value:
+            messages = content_field(value, "messages")
+            if not isinstance(messages, list):
+                raise RowError("invalid_type", "messages", "expected a list of messages")
+            prompt, response = conversation_parts(messages)
+        else:
+            prompt, response = content_field(value, "prompt"), content_field(value, "response")
+    except RowError as error:
+        raise DataError(f"{origin}: {error}") from None
+    return value, prompt, response
+
+
+def score_inputs(args: argparse.Namespace) -> list[tuple[dict, Any, Any]]:
+    """Everything `--score` was given, in order: `--prompt`/`--response`, `--messages`, `--score_file` lines."""
+    from pathlib import Path
+
+    from training.data.records import DataError
+    from training.data.sources import file_records
+
+    prompts = args.prompt * len(args.response) if len(args.prompt) == 1 else args.prompt
+    items = [
+        ({"prompt": prompt, "response": response}, prompt, response)
+        for prompt, response in zip(prompts, args.response, strict=True)
+    ]
+    for index, text in enumerate(args.messages, start=1):
+        try:
+            messages = json.loads(text)
+        except ValueError as error:
+            raise DataError(f"--messages {index}: not valid JSON ({error})") from None
+        items.append(score_item({"messages": messages}, f"--messages {index}"))
+    for record in file_records(Path(args.score_file)) if args.score_file else []:
+        if record.json_error:
+            raise DataError(f"{record.origin}: {record.json_error}")
+        items.append(score_item(record.value, record.origin))
+    if not items:
+        raise DataError(f"{args.score_file}: nothing to score (no lines)")
+    return items
+
+
 @torch.no_grad()
 def score_responses(
     reward_model: torch.nn.Module,
     tokenizer,
-    prompts: Sequence[str],
-    responses: Sequence[str],
+    prompts: Sequence[Any],
+    responses: Sequence[Any],
     max_seq_len: int,
 ) -> list[float]:
-    """Reward of each `prompt + response`, tokenised and truncated as in training (`tokenize_response`)."""
+    """Reward of each `prompt + response` (texts or messages), tokenised and truncated as in training
+    (`tokenize_response`)."""
     from training.data.tokenize import tokenize_response
 
     device = next(reward_model.parameters()).device
@@ -155,16 +226,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=ULTRAFEEDBACK_SCORES,
         help="UltraFeedback rows: which score ranks",
     )
-    parser.add_argument("--score", action="store_true", help="print the rewards of --prompt/--response pairs")
+    parser.add_argument("--score", action="store_true", help="print the rewards of the inputs below")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt to score (repeatable)")
     parser.add_argument("--response", action="append", default=[], help="a response to score (repeatable)")
+    parser.add_argument(
+        "--messages", action="append", default=[], help="a JSON conversation to score, ending in the response"
+    )
+    parser.add_argument(
+        "--score_file",
+        default=None,
+        help='JSON lines: {"prompt", "response"} (texts or messages) or {"messages"}',
+    )
     parser.add_argument("--plot", default=None, help="PNG file for reward histograms (+ training curves)")
     parser.add_argument("--training_output", default=None, help="training --output_dir with metrics.jsonl")
     args = parser.parse_args(argv)
     if not args.data_path and not args.score and not (args.plot and args.training_output):
         parser.error("give --data_path, --score, or --plot with --training_output")
-    if args.score and (not args.response or len(args.prompt) not in (1, len(args.response))):
-        parser.error("--score needs --response(s) and one --prompt, or one --prompt per --response")
+    if args.score and not (args.response or args.messages or args.score_file):
+        parser.error("--score needs --prompt/--response, --messages or --score_file")
+    if (args.prompt or args.response) and (
+        not args.response or len(args.prompt) not in (1, len(args.response))
+    ):
+        parser.error("--response(s) need one --prompt, or one --prompt per --response")
     return args
 
 
@@ -172,16 +255,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate / score / plot as asked; returns the final JSON record."""
     from model_utils.model_factory import load_reward_model
     from training.data.records import DataError, ListwiseOptions
+    from training.data.sources import looks_local, parse_source
     from training.data.tokenize import tokenize_rows
     from training.metrics import ranking_statistics
 
-    for path in args.data_path:
-        if os.path.sep in path and not os.path.exists(path.split("[")[0]):
+    for path in args.data_path:  # before the model loads: a mistyped path fails fast
+        location = parse_source(path).location
+        if looks_local(location) and not os.path.exists(location):
             raise FileNotFoundError(f"{path}: no such data file or folder")
     metrics = read_metrics(args.training_output) if args.training_output else None
     if not args.data_path and not args.score:
         plot_rewards(args.plot, None, None, metrics)
         return {"plot": args.plot}
+    inputs = score_inputs(args) if args.score else []  # bad input fails before the model loads
     if not os.path.exists(args.model_name_or_path):
         raise FileNotFoundError(f"{args.model_name_or_path}: no such model folder")
     reward_model, tokenizer = load_reward_model(
@@ -189,10 +275,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     record: dict[str, Any] = {}
     if args.score:
-        prompts = args.prompt * len(args.response) if len(args.prompt) == 1 else args.prompt
-        record["scores"] = score_responses(reward_model, tokenizer, prompts, args.response, args.max_seq_len)
-        for prompt, response, score in zip(prompts, args.response, record["scores"], strict=True):
-            print(json.dumps({"prompt": prompt, "response": response, "reward": score}))
+        given, prompts, responses = zip(*inputs, strict=True)
+        record["scores"] = score_responses(reward_model, tokenizer, prompts, responses, args.max_seq_len)
+        for item, score in zip(given, record["scores"], strict=True):
+            print(json.dumps({**item, "reward": score}))
     chosen = rejected = None
     if args.data_path:
         listwise = ListwiseOptions(args.min_score_gap, args.ultrafeedback_score)

@@ -156,6 +156,8 @@ def build_app(engine, settings: ServeSettings):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from training.arguments import ATTENTION_IMPLEMENTATIONS
+
     parser = argparse.ArgumentParser(
         prog="rewardspeed-serve",
         description=__doc__.split("\n")[0],
@@ -172,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: bf16 on a GPU with it, else fp32",
     )
     add("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    add(
+        "--attn_implementation",
+        default="auto",
+        choices=ATTENTION_IMPLEMENTATIONS,
+        help="as in training: the backbone's attention (auto: transformers' default)",
+    )
     add(
         "--max_seq_len",
         type=int,
@@ -272,6 +280,7 @@ def serve(args: argparse.Namespace) -> None:
         max_seq_len=args.max_seq_len,
         packing=args.packing,
         share_prompt=args.share_prompt,
+        attn_implementation=args.attn_implementation,
         device=args.device,
         trust_remote_code=args.trust_remote_code,
         max_batch_tokens=args.max_batch_tokens,

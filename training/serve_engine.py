@@ -90,7 +90,11 @@ class Item:
 
 
 def sharing_key(prompt: Content) -> tuple[str, str]:
-    return ("text", prompt) if isinstance(prompt, str) else ("messages", json.dumps(prompt, sort_keys=True, default=str))
+    return (
+        ("text", prompt)
+        if isinstance(prompt, str)
+        else ("messages", json.dumps(prompt, sort_keys=True, default=str))
+    )
 
 
 class RewardEngine:
@@ -98,7 +102,7 @@ class RewardEngine:
 
     Args:
         reward_model: a `RewardModel` in eval mode, already on its device, with `layout` chosen for it
-            (`training/layout.py::choose_layout`, which switches sdpa backbones to segment attention).
+            (`training/probe.py::choose_layout`, which switches sdpa backbones to segment attention).
         tokenizer: the model's tokenizer (real pad token).
         layout: the batch layout; its collator builds every micro-batch.
         max_seq_len: longest prompt + response; longer ones are truncated as in training.
@@ -338,24 +342,34 @@ def load_engine(
     max_seq_len: int = 2048,
     packing: str = "auto",
     share_prompt: str = "auto",
+    attn_implementation: str = "auto",
     device: str | None = None,
     trust_remote_code: bool = False,
     **engine_options,
 ) -> RewardEngine:
     """A `RewardEngine` (not started) for a saved reward model folder (any layout), loaded with
-    `load_reward_model` and laid out by the training code (`choose_layout`: packed and prompt-shared where exact
-    for the backbone, else padded). `dtype`: auto (bf16 on a GPU that has it, else fp32), fp32 or bf16;
-    `device`: default cuda when available."""
+    `load_reward_model` and laid out by the training code: `training/probe.py::choose_layout` keeps the fastest
+    layout `--packing`/`--share_prompt` allow that it proves exact on the model itself, else padded.
+    `dtype`: auto (bf16 on a GPU that has it, else fp32), fp32 or bf16; `device`: default cuda when available.
+    """
     from model_utils.model_factory import load_reward_model
     from training.arguments import TrainConfig
-    from training.ds_config import resolve_dtype, torch_dtype
-    from training.layout import choose_layout
+    from training.ds_config import resolve_attention, resolve_dtype, torch_dtype
+    from training.probe import choose_layout
 
+    config = TrainConfig(
+        max_seq_len=max_seq_len,
+        packing=packing,
+        share_prompt=share_prompt,
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+    )
     reward_model, tokenizer = load_reward_model(
-        model_name_or_path, dtype=torch_dtype(resolve_dtype(dtype)), trust_remote_code=trust_remote_code
+        model_name_or_path,
+        dtype=torch_dtype(resolve_dtype(dtype)),
+        trust_remote_code=trust_remote_code,
+        attn_implementation=resolve_attention(attn_implementation),
     )
     reward_model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    layout = choose_layout(
-        TrainConfig(max_seq_len=max_seq_len, packing=packing, share_prompt=share_prompt), reward_model
-    )
+    layout = choose_layout(config, reward_model, tokenizer.pad_token_id)
     return RewardEngine(reward_model, tokenizer, layout, max_seq_len, **engine_options)

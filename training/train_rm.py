@@ -7,8 +7,9 @@
         --data_path Anthropic/hh-rlhf --zero_stage 3 --dtype bf16 --output_dir output/rm
     # CPU, 2 processes: DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 -m training.train_rm --zero_stage 2
 
-The recipe, top to bottom: parse config -> start the process group -> tokenizer -> data -> model ->
-`deepspeed.initialize` -> resume -> `train` -> final evaluation -> save.
+The recipe, top to bottom: parse config -> start the process group -> check the backbone's config -> tokenizer
+-> data -> model -> `deepspeed.initialize` -> batch layout (proved exact on the model) -> resume -> `train` ->
+final evaluation -> save.
 """
 
 from __future__ import annotations
@@ -48,6 +49,22 @@ def resolve_data_paths(config: TrainConfig) -> list[str]:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return [folder if path == DEFAULT_DATA else path for path in config.data_path]
+
+
+def check_backbone(config: TrainConfig, model_path: str) -> None:
+    """What the backbone's config alone decides, before the tokenizer, data and model are loaded: the final model
+    can be written in `--save_format` (else no run would lose its model at the end), and an `on` fast-path
+    flag is not refused statically (ALiBi, a short sliding window, ...)."""
+    from model_utils.checkpoint.layouts import check_save_format
+    from model_utils.checkpoint.load import read_config
+    from training.layout import layout_candidates
+
+    backbone_config = read_config(model_path, trust_remote_code=config.trust_remote_code)
+    try:
+        check_save_format(config.save_format, backbone_config)
+    except CheckpointError as error:
+        raise ConfigError(f"--save_format {config.save_format}: {error}") from None
+    layout_candidates(config, backbone_config)
 
 
 def load_data(config: TrainConfig, tokenizer) -> PreferenceData:
@@ -157,16 +174,18 @@ def main(argv: list[str] | None = None) -> dict:
     from model_utils.model_factory import create_critic_model
     from model_utils.tokenizer import load_tokenizer
     from training.checkpointing import TrainState, load_latest_checkpoint
-    from training.ds_config import build_ds_config, resolve_dtype, torch_dtype
-    from training.layout import choose_layout
+    from training.ds_config import build_ds_config, resolve_attention, resolve_dtype, torch_dtype
     from training.lora import apply_lora, merge_lora
     from training.metrics import MetricsLog
+    from training.probe import choose_layout
     from training.sampling import total_steps
     from training.trainer import run_evaluation, train
 
     torch.manual_seed(config.seed)
     ds_config = build_ds_config(config, world_size())
+    attn_implementation = resolve_attention(config.attn_implementation)
     model_path = resolve_model_path(config)
+    check_backbone(config, model_path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
     data = load_data(config, tokenizer)
     report_data(data)
@@ -180,8 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
         dtype=torch_dtype(resolve_dtype(config.dtype)),
         trust_remote_code=config.trust_remote_code,
         head_seed=config.seed,
+        attn_implementation=attn_implementation,
     )
-    layout = choose_layout(config, reward_model)
     freeze_bottom_layers(reward_model, config.num_frozen_layers)
     torch.manual_seed(config.seed)  # LoRA's initialisation must not depend on how the backbone was built
     apply_lora(reward_model, config)
@@ -194,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     engine, *_ = deepspeed.initialize(
         model=reward_model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    layout = choose_layout(config, engine, tokenizer.pad_token_id)
 
     state = load_latest_checkpoint(engine, config) if config.resume else None
     if config.resume:

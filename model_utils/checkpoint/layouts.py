@@ -201,13 +201,15 @@ def output_config(
     config.vocab_size = vocab_rows
     config.pad_token_id = tokenizer.pad_token_id
     config.dtype = dtype
+    if save_format in ("hf", "auto_map"):
+        config.num_labels = 1
+        # A scalar score: pipeline("text-classification") then returns it raw (with None, a sigmoid).
+        config.problem_type = "regression"
     if save_format == "hf":
         config.architectures = [sequence_classification_class(config).__name__]
-        config.num_labels = 1
     elif save_format == "auto_map":
         reward_class = hf_reward_model.reward_class_for(config)
         config.architectures = [reward_class.__name__]
-        config.num_labels = 1
         config.auto_map = {"AutoModelForSequenceClassification": f"{AUTO_MAP_MODULE}.{reward_class.__name__}"}
     else:
         config.architectures = [backbone_class(config).__name__]

@@ -4,8 +4,10 @@
     write_reward_model(state_dict, config, tokenizer, "output/rm-dschat", "dschat")   # a state dict in hand
 
 What each layout holds is `layouts.py`. Extras for transformers 4.51 (the version RewardBench pins): a
-tokenizer class it knows, `model_input_names`, the chat template inside `tokenizer_config.json`, a top-level
-`rope_theta` beside v5's `rope_parameters`, and `torch_dtype` beside `dtype`.
+tokenizer class it knows, `model_input_names`, the chat template inside `tokenizer_config.json`, additional
+special tokens as `additional_special_tokens` (v5 writes a list under `extra_special_tokens`, which 4.x cannot
+read), no load-time keys (`is_local`), a top-level `rope_theta` beside v5's `rope_parameters`, and `torch_dtype`
+beside `dtype`. The model card shows plain transformers code that scores exactly as training did.
 
 Training metadata (`base_model`, `data`, `steps`, `eval_accuracy`, `reward_mean`, `reward_std`, ...) goes into
 `config.json` (`reward_mean`/`reward_std` at the top level, everything under `reward_model_metadata`) and into
@@ -50,6 +52,8 @@ from model_utils.checkpoint.zero import gathered_state_dict
 V5_ONLY_TOKENIZER_CLASSES = ("TokenizersBackend",)
 LEGACY_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
+# Where transformers 5 loaded a tokenizer from; it saves them back, though they describe no saved tokenizer.
+LOAD_TIME_KEYS = ("is_local", "local_files_only")
 
 
 def check_tokenizer(tokenizer: PreTrainedTokenizerBase, vocab_rows: int, save_format: str) -> None:
@@ -107,20 +111,90 @@ def write_config(config: PretrainedConfig, output_dir: str, metadata: dict[str, 
 
 
 def write_tokenizer(tokenizer: PreTrainedTokenizerBase, output_dir: str) -> None:
-    """The full tokenizer, with a class name, input names and chat template transformers 4.51 also reads."""
+    """The full tokenizer, with a class name, input names, special tokens and chat template transformers 4.51
+    also reads (RewardBench 0.1.4 and DeepSpeed-Chat step 3 run on 4.x)."""
     tokenizer.save_pretrained(output_dir)
     path = os.path.join(output_dir, TOKENIZER_CONFIG_FILE)
     values = _read_json(path)
     if values.get("tokenizer_class") in V5_ONLY_TOKENIZER_CLASSES:
         values["tokenizer_class"] = LEGACY_TOKENIZER_CLASS
+    extra_special_tokens = values.get("extra_special_tokens")
+    if isinstance(extra_special_tokens, list):  # 4.x reads a dict there (AttributeError: no .keys())
+        del values["extra_special_tokens"]
+        values["additional_special_tokens"] = extra_special_tokens
+    for key in LOAD_TIME_KEYS:
+        values.pop(key, None)
     values["model_input_names"] = MODEL_INPUT_NAMES
     if isinstance(getattr(tokenizer, "chat_template", None), str):
         values["chat_template"] = tokenizer.chat_template
     _write_json(path, values)
 
 
-def model_card(config: PretrainedConfig, save_format: str, metadata: dict[str, Any]) -> str:
-    """A short README.md: what the model is, how it was trained (from `metadata`), how to load it."""
+# The card's scoring code: the reward exactly as training read it (tests/test_consumers.py runs it verbatim).
+SCORING_SNIPPET = """import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+path = {path}  # this folder (or its hub id once uploaded)
+model = AutoModelForSequenceClassification.from_pretrained(path{trust})
+tokenizer = AutoTokenizer.from_pretrained(path)
+
+
+def reward(text: str) -> float:
+    \"\"\"The reward as training read it: one BOS, and the score at the EOS that ends the text.\"\"\"
+    input_ids = tokenizer(text)["input_ids"]
+    if tokenizer.bos_token_id is not None and input_ids[:2] == [tokenizer.bos_token_id] * 2:
+        input_ids = input_ids[1:]  # a chat template that writes its own BOS
+    if input_ids[-1] != tokenizer.eos_token_id:
+        input_ids = input_ids + [tokenizer.eos_token_id]  # training ends every response with EOS
+    with torch.no_grad():
+        return model(torch.tensor([input_ids])).logits[0, 0].item()
+
+"""
+CHAT_EXAMPLE = """
+# Chat data: the chat template's text, trailing whitespace removed (as in training).
+messages = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
+print(reward(tokenizer.apply_chat_template(messages, tokenize=False).rstrip()))
+"""
+TEXT_EXAMPLE = """
+# Text data: prompt + response, nothing added between them.
+print(reward("What is 2 + 2?" + " 4"))
+"""
+
+
+def scoring_usage(save_format: str, path: str, chat: bool) -> list[str]:
+    """The card's usage section: how to get the training reward with plain transformers."""
+    if save_format == "dschat":
+        return ["Load with DeepSpeed-Chat's `create_critic_model(..., rlhf_training=True)` or ours."]
+    trust = ", trust_remote_code=True" if save_format == "auto_map" else ""
+    code = (
+        SCORING_SNIPPET.format(path=json.dumps(path), trust=trust)
+        + (CHAT_EXAMPLE if chat else "")
+        + TEXT_EXAMPLE
+    )
+    return [
+        "Training reads each reward at the EOS that ends the sequence (appended when the text does not end",
+        "with it), after one BOS; `reward()` does the same, so it returns the training reward (a bare",
+        "`model(**tokenizer(text))` without that EOS does not).",
+        "",
+        "```python",
+        *code.rstrip("\n").split("\n"),
+        "```",
+        "",
+        '`pipeline("text-classification", model=path)` returns the same raw reward (`problem_type` is',
+        '`"regression"` in `config.json`: no sigmoid) when the text already gives those tokens: it ends in',
+        "`tokenizer.eos_token` (and does not start with a BOS the tokenizer adds again).",
+    ]
+
+
+def model_card(
+    config: PretrainedConfig, save_format: str, metadata: dict[str, Any], path: str, chat: bool
+) -> str:
+    """A short README.md: what the model is, how it was trained (from `metadata`), how to score with it.
+
+    Args:
+        path: the folder, as the scoring code names it.
+        chat: whether the tokenizer has a chat template (the code then shows scoring a conversation).
+    """
     base_model = metadata.get("base_model")
     front_matter = ["---", "library_name: transformers", "pipeline_tag: text-classification"]
     if base_model and not os.path.isabs(str(base_model)):
@@ -140,17 +214,6 @@ def model_card(config: PretrainedConfig, save_format: str, metadata: dict[str, A
         ),
     }
     lines = [f"- **{name}**: {value}" for name, value in facts.items() if value is not None]
-    trust = ", trust_remote_code=True" if save_format == "auto_map" else ""
-    usage = [
-        "```python",
-        "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
-        f'model = AutoModelForSequenceClassification.from_pretrained("PATH"{trust})',
-        'tokenizer = AutoTokenizer.from_pretrained("PATH")',
-        'reward = model(**tokenizer(text, return_tensors="pt")).logits[:, 0]',
-        "```",
-    ]
-    if save_format == "dschat":
-        usage = ["Load with DeepSpeed-Chat's `create_critic_model(..., rlhf_training=True)` or ours."]
     body = [
         "# Reward model",
         "",
@@ -160,7 +223,7 @@ def model_card(config: PretrainedConfig, save_format: str, metadata: dict[str, A
         "",
         "## Usage",
         "",
-        *usage,
+        *scoring_usage(save_format, path, chat),
         "",
     ]
     return "\n".join(front_matter + body)
@@ -215,7 +278,8 @@ def write_reward_model(
     write_config(config, output_dir, metadata)
     write_tokenizer(tokenizer, output_dir)
     with open(os.path.join(output_dir, MODEL_CARD_FILE), "w", encoding="utf-8") as card:
-        card.write(model_card(config, save_format, metadata))
+        chat = isinstance(getattr(tokenizer, "chat_template", None), str)
+        card.write(model_card(config, save_format, metadata, output_dir, chat))
     return output_dir
 
 

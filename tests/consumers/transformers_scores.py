@@ -50,9 +50,10 @@ def rewardbench_scores(model, tokenizer, texts: list[str]) -> list[float]:
 
 
 def text_classification_scores(model, tokenizer, texts: list[str]) -> list[float]:
-    """`pipeline("text-classification")` with `function_to_apply="none"` (older RewardBench): raw logits."""
+    """`pipeline("text-classification")` as users call it: raw rewards, since the saved config says
+    `problem_type: regression` (with none, the pipeline applies a sigmoid to a single label)."""
     classifier = pipeline("text-classification", model=model, tokenizer=tokenizer, device=-1)
-    return [result["score"] for result in classifier(texts, function_to_apply="none", batch_size=1)]
+    return [result["score"] for result in classifier(texts, batch_size=1)]
 
 
 def main(folder: str, conversations_path: str) -> dict:

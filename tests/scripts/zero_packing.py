@@ -5,8 +5,10 @@
 Two engines start from the same weights (ZeRO stage N, gradient accumulation A): "plain" trains on
 `PaddedCollator` batches, "packed_forward" on packed + prompt-shared rows with a 4D mask through
 `batch_rewards(engine, ...)` (one `engine(...)` call with `reward_index`), "segments" on prompt-shared
-batches in one row with segment attention (short sequences in blocks), "segments_alone" one SDPA per sequence. Each rank writes `O/rank{r}.json` with every run's losses per
-micro-step.
+batches in one row with segment attention (short sequences in blocks), "segments_alone" one SDPA per sequence,
+"probed" in the layout the start-up probe picks after a segment forward that raised midway (segment attention
+made to refuse a keyword the backbone passes, as it refuses `softcap`): the probe must fall back to mask rows and
+ZeRO-3 must train on unharmed. Each rank writes `O/rank{r}.json` with every run's losses per micro-step.
 """
 
 import argparse
@@ -23,8 +25,10 @@ import deepspeed  # noqa: E402
 
 from model_utils import create_critic_model, load_tokenizer, packed_attention  # noqa: E402
 from model_utils.packed_attention import use_segment_attention  # noqa: E402
+from training.arguments import TrainConfig  # noqa: E402
 from training.layout import MASK, PADDED, SEGMENTS, BatchLayout, batch_rewards  # noqa: E402
 from training.losses import pairwise_loss  # noqa: E402
+from training.probe import probe_layout  # noqa: E402
 
 MICRO_BATCH = 3
 
@@ -98,6 +102,7 @@ def main() -> None:
         "packed_forward": BatchLayout(packing=True, share_prompt=True, attention=MASK, max_tokens_per_row=16),
         "segments": segments,  # short sequences: attended in blocks
         "segments_alone": segments,  # one SDPA per sequence
+        "probed": segments,  # the probe's choice, after segment attention refused midway
     }
     default_block_tokens = packed_attention.SEGMENT_BLOCK_TOKENS
     for name, layout in runs.items():
@@ -110,6 +115,13 @@ def main() -> None:
             use_segment_attention(reward_model)
         optimizer = torch.optim.AdamW(reward_model.parameters(), lr=1e-3, weight_decay=0.0)
         engine, *_ = deepspeed.initialize(model=reward_model, optimizer=optimizer, config=config)
+        if name == "probed":
+            passive = packed_attention.PASSIVE_ATTENTION_KEYWORDS
+            packed_attention.PASSIVE_ATTENTION_KEYWORDS = passive - {"position_ids"}
+            mask = BatchLayout(packing=True, share_prompt=True, attention=MASK, max_tokens_per_row=16)
+            layout = probe_layout(engine, [layout, mask], TrainConfig(max_seq_len=8), pad_token_id=0)
+            packed_attention.PASSIVE_ATTENTION_KEYWORDS = passive
+            results["probed_layout"] = layout.describe()
         results[name] = train(engine, layout, args.micro_steps, vocab)
         engine.destroy()
 

@@ -1,7 +1,8 @@
 """Preference data, in the order it flows: sources -> formats -> splits -> tokenize -> collate.
 
     records.py       the types a row passes through, and `DataError`
-    sources.py       raw records from a file, a folder or a hub dataset
+    sources.py       raw records from a file, a folder, a save_to_disk folder or a hub dataset
+    dataset_splits.py  the subsets and splits such a dataset offers, and the ones a source chooses
     formats.py       which column holds which field; one record validated into a `PreferenceRow`
     listwise.py      rows with several scored or ranked responses per prompt -> `RankedRow` + comparisons
     splits.py        DeepSpeed-Chat phase splits and held-out evaluation rows
@@ -19,7 +20,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
     __name__,
     {
         "training.data.records": ("DataError", "PreferenceData", "PreferenceRow"),
-        "training.data.sources": ("load_records", "split_row_range"),
+        "training.data.sources": ("load_records", "parse_source", "split_row_range"),
         "training.data.formats": ("detect_format", "parse_column_map"),
         "training.data.splits": ("DEFAULT_DATA_SPLIT", "split_indices"),
         "training.data.tokenize": ("finish_sequence", "tokenize_pair", "tokenize_response", "tokenize_rows"),

@@ -33,7 +33,7 @@ from training.data.records import (
     SourceRows,
     num_comparisons,
 )
-from training.data.sources import load_records, split_row_range
+from training.data.sources import load_records
 from training.data.splits import DEFAULT_DATA_SPLIT, REWARD_PHASE, parse_data_split, split_indices
 from training.data.tokenize import tokenize_rows
 
@@ -101,13 +101,16 @@ def _column_names(records: list[RawRecord]) -> set[str]:
 
 
 def read_source(
-    source: str, column_map: dict[str, str] | None = None, listwise: ListwiseOptions | None = None
+    source: str,
+    column_map: dict[str, str] | None = None,
+    listwise: ListwiseOptions | None = None,
+    with_eval: bool = True,
 ) -> SourceRows:
-    """Read and validate one source without raising on invalid rows (they are listed in `problems`)."""
-    location, row_range = split_row_range(source)
-    train_records, eval_records = load_records(location)
-    if row_range is not None:
-        train_records = train_records[row_range]
+    """Read and validate one source without raising on invalid rows (they are listed in `problems`).
+
+    `with_eval=False`: the source's own evaluation split is not wanted (not chosen, not read).
+    """
+    train_records, eval_records = load_records(source, with_eval)
     all_records = train_records + (eval_records or [])
     if not all_records:
         raise DataError(f"{source}: no rows")
@@ -204,7 +207,7 @@ def load_preference_data(
     if not 0 <= eval_fraction < 1:
         raise DataError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     weights = parse_data_split(data_split, phase_index)
-    sources = [read_source(path, column_map, listwise) for path in data_paths]
+    sources = [read_source(path, column_map, listwise, with_eval=not eval_data_paths) for path in data_paths]
     eval_sources = [read_source(path, column_map, listwise) for path in eval_data_paths or []]
     raise_on_problems(sources + eval_sources, skip_invalid_rows)
 

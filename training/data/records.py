@@ -91,10 +91,12 @@ class RawRecord:
 
 @dataclass(frozen=True)
 class RowFormat:
-    """Which column holds each field. `pairwise`: response_1/response_2/preference instead of chosen/rejected."""
+    """Which column holds each field. `pairwise`: response_1/response_2/preference instead of chosen/rejected;
+    `signed_preference`: that preference runs -3..3 (HelpSteer3) instead of 1/2 (AlpacaEval)."""
 
     columns: dict[str, str]
     pairwise: bool
+    signed_preference: bool = False
     listwise: str | None = None  # a layout of listwise.LISTWISE_LAYOUTS: K scored responses per row
 
 

@@ -1,14 +1,24 @@
-"""Reading raw records from a local file, a folder or a hub dataset.
+"""Reading raw records from a file, a folder, a `save_to_disk` folder or a hub dataset: one subset, one split.
 
-Sources: a local `.jsonl`, `.json` (a list of objects, or JSON lines), `.parquet`, any of them gzipped
-(`.jsonl.gz`), a folder, or a hub dataset name (`datasets.load_dataset`). In a folder (searched
-recursively) files whose names start with `train` are the training split and those starting with
-`test`/`eval`/`validation`/`valid`/`dev` its evaluation split; a folder with neither has only training
-rows. A trailing `[start:stop]` selects rows by position, like hub split slicing: `test.jsonl.gz[:2012]`
-and `test.jsonl.gz[2012:]` give the shared hh-rlhf train/eval convention.
+A source is written `LOCATION[:SUBSET][:SPLIT][[START:STOP]]`:
 
-Each record keeps its origin (`<file> line <n>`, or `row <i>` for `.json` lists, `.parquet` files and hub
-splits), so every later error can name it.
+    pairs.jsonl                               a file: all its rows are training rows
+    downloads/ultrafeedback:train_prefs       a folder (e.g. a hub download) and one of its splits
+    Anthropic/hh-rlhf:harmless-base           a hub dataset and one of its subsets
+    nvidia/HelpSteer3:preference:train        a subset, then a split
+    test.jsonl.gz[:2012]                      rows by position of the training split, like hub split slicing
+
+One selector names a subset or a split, whichever the source has by that name. A location that exists as
+written (a colon or brackets in a file name) is never split. Files: `.jsonl`, `.json` (a list of objects, one
+object, or JSON lines), `.parquet`, any of them gzipped (`.jsonl.gz`).
+
+Which files are which subset and split, and which ones a source uses, is `dataset_splits.py` (the same rules for
+a local folder and a hub dataset's files): several subsets or several training splits and none chosen is an
+error listing them, never a blend. A hub dataset is listed, then only the chosen files are downloaded
+(`huggingface_hub`).
+
+Each record keeps its origin (`<file> line <n>`, or `row <i>` for `.json` lists, `.parquet` files and
+`save_to_disk` splits), so every later error can name it.
 """
 
 from __future__ import annotations
@@ -19,15 +29,38 @@ import logging
 import os
 import re
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from training.data.dataset_splits import (
+    DATA_FILE_KINDS,
+    SplitLayout,
+    choose_splits,
+    data_file_kind,
+    describe_choice,
+    discover_splits,
+    read_card_metadata,
+)
 from training.data.records import DataError, RawRecord
 
 logger = logging.getLogger(__name__)
 
-TRAIN_SPLIT_PREFIXES = ("train",)
-EVAL_SPLIT_PREFIXES = ("test", "eval", "validation", "valid", "dev")
 ROW_RANGE = re.compile(r"^(?P<location>.+)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")
+MAX_SELECTORS = 2  # subset, split
+CARD_FILE = "README.md"
+DATASET_DICT_FILE = "dataset_dict.json"  # `DatasetDict.save_to_disk`
+DATASET_STATE_FILE = "state.json"  # `Dataset.save_to_disk`
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One `--data_path` entry, parsed: where, which subset and split (0-2 selectors), which rows."""
+
+    text: str
+    location: str
+    selectors: tuple[str, ...] = ()
+    row_range: slice | None = None
 
 
 def split_row_range(source: str) -> tuple[str, slice | None]:
@@ -40,6 +73,24 @@ def split_row_range(source: str) -> tuple[str, slice | None]:
         return source, None
     start, stop = (int(match[name]) if match[name] else None for name in ("start", "stop"))
     return match["location"], slice(start, stop)
+
+
+def parse_source(text: str) -> SourceSpec:
+    """`"uf:train_prefs[:100]" -> SourceSpec(location="uf", selectors=("train_prefs",), row_range=slice(None, 100))`.
+
+    The location is the longest colon-separated prefix that exists on disk (the first part when none does,
+    as for hub names, which contain no colon).
+
+    >>> parse_source("nvidia/HelpSteer3:preference:train[5:]").selectors
+    ('preference', 'train')
+    """
+    rest, row_range = split_row_range(text)
+    parts = rest.split(":")
+    cut = next((index for index in range(len(parts), 0, -1) if os.path.exists(":".join(parts[:index]))), 1)
+    location, selectors = ":".join(parts[:cut]), tuple(parts[cut:])
+    if len(selectors) > MAX_SELECTORS or not all(selectors) or not location:
+        raise DataError(f"{text}: expected LOCATION[:SUBSET][:SPLIT][[start:stop]]")
+    return SourceSpec(text, location, selectors, row_range)
 
 
 # What `json.loads` raises on bad input: a syntax error (JSONDecodeError, a ValueError), an integer literal
@@ -113,83 +164,125 @@ def _parquet_records(path: Path) -> list[RawRecord]:
     return [RawRecord(f"{path} row {index}", row) for index, row in enumerate(rows)]
 
 
-def _data_kind(path: Path) -> str | None:
-    name = path.name.lower().removesuffix(".gz")
-    return next((kind for kind in ("jsonl", "json", "parquet") if name.endswith(f".{kind}")), None)
-
-
-def _file_records(path: Path) -> list[RawRecord]:
-    kind = _data_kind(path)
+def file_records(path: Path) -> list[RawRecord]:
+    """The records of one data file, each with its origin."""
+    kind = data_file_kind(path.name)
     if kind == "parquet":
         return _parquet_records(path)
     if kind == "json":
         return _json_records(_read_text(path), str(path))
     if kind == "jsonl":
         return _jsonl_records(_read_text(path), str(path))
-    raise DataError(f"{path}: unsupported file type (use .jsonl, .json, .parquet, optionally .gz)")
+    kinds = ", ".join(f".{kind}" for kind in DATA_FILE_KINDS)
+    raise DataError(f"{path}: unsupported file type (use {kinds}, optionally .gz)")
 
 
-def _split_of(path: Path) -> str | None:
-    stem = path.name.lower().split(".")[0]
-    if stem.startswith(TRAIN_SPLIT_PREFIXES):
-        return "train"
-    if stem.startswith(EVAL_SPLIT_PREFIXES):
-        return "eval"
-    return None
+def _files_reader(root: Path, layout: SplitLayout) -> Callable[[str, str], list[RawRecord]]:
+    def read(subset: str, split: str) -> list[RawRecord]:
+        return [record for name in layout.subsets[subset][split] for record in file_records(root / name)]
+
+    return read
 
 
-def _folder_records(folder: Path) -> tuple[list[RawRecord], list[RawRecord] | None]:
-    files = sorted(path for path in folder.rglob("*") if path.is_file() and _data_kind(path))
-    if not files:
-        raise DataError(f"{folder}: no .jsonl/.json/.parquet files in this folder")
-    train_files = [path for path in files if _split_of(path) == "train"]
-    eval_files = [path for path in files if _split_of(path) == "eval"]
-    if not train_files and not eval_files:
-        train_files = files
-    ignored = sorted(set(files) - set(train_files) - set(eval_files))
-    if ignored:
-        logger.warning("%s: ignoring files that are neither train nor eval splits: %s", folder, ignored)
-    train = [record for path in train_files for record in _file_records(path)]
-    evaluation = [record for path in eval_files for record in _file_records(path)] if eval_files else None
-    return train, evaluation
+def _folder_layout(folder: Path) -> SplitLayout:
+    files = sorted(
+        path.relative_to(folder).as_posix()
+        for path in folder.rglob("*")
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
+    card = folder / CARD_FILE
+    return discover_splits(str(folder), files, read_card_metadata(card) if card.is_file() else None)
 
 
-def _hub_records(name: str) -> tuple[list[RawRecord], list[RawRecord] | None]:
-    """`datasets.load_dataset(name)`: its `train` split (or its only split) and first of test/eval/validation."""
+def _is_saved_dataset(folder: Path) -> bool:
+    return (folder / DATASET_DICT_FILE).is_file() or (folder / DATASET_STATE_FILE).is_file()
+
+
+def _saved_dataset(folder: Path) -> tuple[SplitLayout, Callable[[str, str], list[RawRecord]]]:
+    """A `Dataset`/`DatasetDict.save_to_disk` folder: one split `train`, or the dict's splits."""
     import datasets
 
     try:
-        dataset_dict = datasets.load_dataset(name)
-    except Exception as error:  # any loader failure becomes one clean message
-        raise DataError(
-            f"{name}: not a local file or folder, and loading it as a hub dataset failed ({error})"
-        ) from None
-    splits = dict(dataset_dict)
-    train_split = "train" if "train" in splits else (next(iter(splits)) if len(splits) == 1 else None)
-    if train_split is None:
-        raise DataError(f"{name}: no 'train' split (splits: {sorted(splits)})")
-    eval_split = next((split for split in EVAL_SPLIT_PREFIXES if split in splits), None)
+        saved = datasets.load_from_disk(str(folder))
+    except Exception as error:  # a damaged folder: any of datasets' or pyarrow's errors
+        raise DataError(f"{folder}: cannot read this save_to_disk folder ({error})") from None
+    splits = dict(saved) if isinstance(saved, datasets.DatasetDict) else {"train": saved}
 
-    def records(split: str) -> list[RawRecord]:
+    def read(subset: str, split: str) -> list[RawRecord]:
         return [
-            RawRecord(f"{name}[{split}] row {index}", row)
+            RawRecord(f"{folder}[{split}] row {index}", row)
             for index, row in enumerate(splits[split].to_list())
         ]
 
-    return records(train_split), records(eval_split) if eval_split else None
+    return SplitLayout(str(folder), {"": {name: [] for name in splits}}), read
 
 
-def _looks_local(location: str) -> bool:
-    return location.startswith((".", "/", "~")) or _data_kind(Path(location)) is not None
+def _hub_dataset(name: str) -> tuple[SplitLayout, Callable[[str, str], list[RawRecord]]]:
+    """A hub dataset's file list (and dataset card), laid out like a folder; files download when read."""
+    import huggingface_hub
+
+    try:
+        files = huggingface_hub.list_repo_files(name, repo_type="dataset")
+        card = (
+            huggingface_hub.hf_hub_download(name, CARD_FILE, repo_type="dataset")
+            if CARD_FILE in files
+            else None
+        )
+    except Exception as error:  # offline, unknown or gated repository: one clean message
+        raise DataError(
+            f"{name}: not a local file or folder, and listing it as a hub dataset failed ({error}); without hub "
+            f"access, download it (hf download --repo-type dataset {name} --local-dir DIR) and pass DIR"
+        ) from None
+    layout = discover_splits(name, files, read_card_metadata(Path(card)) if card else None)
+
+    def read(subset: str, split: str) -> list[RawRecord]:
+        wanted = layout.subsets[subset][split]
+        try:
+            root = huggingface_hub.snapshot_download(name, repo_type="dataset", allow_patterns=wanted)
+        except Exception as error:  # network or disk: one clean message
+            raise DataError(f"{name}: downloading {', '.join(wanted)} failed ({error})") from None
+        return [record for file in wanted for record in file_records(Path(root) / file)]
+
+    return layout, read
 
 
-def load_records(location: str) -> tuple[list[RawRecord], list[RawRecord] | None]:
-    """Raw records of a file, folder or hub dataset: (training split, evaluation split or None)."""
-    path = Path(location).expanduser()
-    if path.is_dir():
-        return _folder_records(path)
+def looks_local(location: str) -> bool:
+    """A path rather than a hub name: it starts like one or names a data file."""
+    return location.startswith((".", "/", "~")) or data_file_kind(location) is not None
+
+
+def load_records(source: str, with_eval: bool = True) -> tuple[list[RawRecord], list[RawRecord] | None]:
+    """Raw records of one source (`LOCATION[:SUBSET][:SPLIT][[start:stop]]`, see the module docstring).
+
+    Args:
+        source: as given on the command line.
+        with_eval: also choose and read the source's evaluation split (False: its eval split is not wanted).
+
+    Returns:
+        (records of the training split, sliced by the row range; records of the evaluation split, or None when
+        the source has none or `with_eval` is False).
+    """
+    spec = parse_source(source)
+    path = Path(spec.location).expanduser()
     if path.is_file():
-        return _file_records(path), None
-    if _looks_local(location):
-        raise DataError(f"{location}: no such file or folder")
-    return _hub_records(location)
+        if spec.selectors:
+            raise DataError(f"{source}: {spec.location} is a file; it has no subsets or splits to choose")
+        records = file_records(path)
+        return records[spec.row_range] if spec.row_range else records, None
+    if path.is_dir() and _is_saved_dataset(path):
+        layout, read = _saved_dataset(path)
+    elif path.is_dir():
+        layout = _folder_layout(path)
+        read = _files_reader(path, layout)
+    elif looks_local(spec.location):
+        raise DataError(f"{spec.location}: no such file or folder")
+    else:
+        layout, read = _hub_dataset(spec.location)
+    subset, train_split, eval_split = choose_splits(source, layout, spec.selectors, with_eval)
+    description = describe_choice(layout, subset, train_split, eval_split)
+    if description:
+        logger.info("%s: %s", source, description)
+    train = read(subset, train_split) if train_split is not None else []
+    if spec.row_range:
+        train = train[spec.row_range]
+    return train, read(subset, eval_split) if eval_split is not None else None

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from training.data.formats import as_messages, content_field, margin_field, response_messages
+from training.data.formats import as_messages, content_field, margin_field, response_messages, split_prompt
 from training.data.records import Content, DataError, PreferenceRow, RankedRow, RowError
 
 
@@ -206,29 +206,34 @@ def tokenize_responses(
     }
     try:
         prompt, *responses = (content_field(fields, name) for name in fields)
+        # As for a training row: a response repeating the prompt's turns (up to whitespace) keeps its own.
+        conversations = [
+            split_prompt(prompt, response, response, {"rejected": name})[:2]
+            for name, response in zip(list(fields)[1:], responses, strict=True)
+        ]
     except RowError as error:
         raise DataError(f"{origin}: {error}") from None
     if not responses:
         return [], []
-    texts = _render_row(tokenizer, origin, prompt, responses)
+    texts = [_render_row(tokenizer, origin, prompt, [response])[0] for prompt, response in conversations]
     bos_token_id, eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     encoded = tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
     sequences = [finish_sequence(token_ids, bos_token_id, eos_token_id) for token_ids in encoded]
     too_long = [len(sequence) > max_seq_len for sequence in sequences]
-    if any(too_long):
-        # Where the prompt ends: the prefix a sequence shares with the prompt rendered alone.
-        if isinstance(prompt, str) and all(isinstance(response, str) for response in responses):
+    for index in (index for index, cut in enumerate(too_long) if cut):
+        # Where the prompt ends: the prefix the sequence shares with its prompt rendered alone.
+        prompt, response = conversations[index]
+        if isinstance(prompt, str) and isinstance(response, str):
             prompt_text = prompt
         else:
             prompt_text = tokenizer.apply_chat_template(as_messages(prompt, "user"), tokenize=False)
         prompt_alone = [*tokenizer(prompt_text, add_special_tokens=True, verbose=False)["input_ids"], -1]
-        for index in (index for index, cut in enumerate(too_long) if cut):
-            full = sequences[index]
-            shared = shared_prefix_length([full, prompt_alone])
-            prompt_ids, (response_ids,), _ = truncate_responses(
-                full[:shared], [full[shared:]], max_seq_len, bos_token_id
-            )
-            sequences[index] = prompt_ids + response_ids
+        full = sequences[index]
+        shared = shared_prefix_length([full, prompt_alone])
+        prompt_ids, (response_ids,), _ = truncate_responses(
+            full[:shared], [full[shared:]], max_seq_len, bos_token_id
+        )
+        sequences[index] = prompt_ids + response_ids
     return sequences, too_long
 
 

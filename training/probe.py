@@ -1,0 +1,186 @@
+"""The start-up probe: a fast layout is used only where it gives the padded batch's rewards on the model itself.
+
+    layout = choose_layout(config, engine, tokenizer.pad_token_id)   # after deepspeed.initialize, every rank
+
+A config tells what cannot be exact (`layout_candidates`: ALiBi, a short window, flash attention, ...); what it
+cannot tell is measured here: whether the decoder layers hand the segment plan through to attention (StableLM's
+do not: the row would attend across sequences), whether the model switches attention at all (Falcon only warns),
+whether eager attention takes the 4D mask with its softcapping (Gemma 2). A few synthetic pairs of different
+lengths (an empty prompt, one-token responses, a long pair up to a segment block's size) are scored in each
+candidate layout and in the padded layout, through the engine (collective under ZeRO-3: every rank runs the
+same forwards), in eval mode without gradients; the optimizer is not touched.
+The first candidate within `probe_tolerance` is kept; `auto` falls back to the padded layout with the measured
+differences in the log, `on` stops with a `ConfigError` naming them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+
+import torch
+
+from model_utils.packed_attention import SEGMENT_BLOCK_TOKENS, stop_segment_attention, use_segment_attention
+from training.arguments import TrainConfig
+from training.errors import ConfigError
+from training.layout import SEGMENTS, BatchLayout, batch_rewards, layout_candidates, on_flags
+
+logger = logging.getLogger(__name__)
+
+# (prompt, chosen, rejected) tokens: different lengths, an empty prompt, one-token responses.
+PROBE_SHAPES = ((0, 1, 2), (5, 1, 1), (3, 7, 4), (12, 2, 9))
+# The long pair fills up to this many tokens (or `max_seq_len`): a sequence of a segment block's size, planned
+# alone (the "causal" + "branch" steps of segment attention, beside the short pairs' "block" steps).
+PROBE_LONGEST = SEGMENT_BLOCK_TOKENS
+# Allowed |reward difference| as a fraction of the reward scale (`probe_tolerance`). fp32: the padded batch and
+# a packed row compute the same sums in another order (seen: <= 1e-6 on every tiny backbone, 1e-5 on
+# SmolLM2-135M). Half precision rounds activations after every matmul, in other groupings. Seen on SmolLM2-135M
+# bf16 (30 layers), exact layouts: up to 3.5% of the scale on the probe's pairs (3 value heads x max_seq_len 64,
+# 128, 512), 4.8% on 16 default-data pairs; a row attending across its sequences (what a backbone that drops the
+# segment plan computes): 31-74% on SmolLM2, 17% on a 2-layer random StableLM. 10% sits between.
+FP32_RELATIVE_TOLERANCE = 1e-5
+HALF_RELATIVE_TOLERANCE = 0.10
+
+
+def probe_pairs(max_seq_len: int, vocab_size: int, pad_token_id: int | None, seed: int = 0) -> list[dict]:
+    """Synthetic tokenised pairs (`prompt_ids`, `chosen_ids`, `rejected_ids`, `margin`) that fit `max_seq_len`.
+
+    >>> [tuple(len(p[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")) for p in probe_pairs(8, 50, 0)]
+    [(0, 1, 2), (5, 1, 1), (1, 7, 4), (0, 2, 8), (1, 7, 6)]
+    """
+    longest = min(max_seq_len, PROBE_LONGEST)
+    long_pair = (longest // 8, longest - longest // 8, longest - longest // 8 - 1)
+    generator = torch.Generator().manual_seed(seed)
+    pairs = []
+    for prompt, chosen, rejected in (*PROBE_SHAPES, long_pair):
+        chosen, rejected = min(chosen, max_seq_len), min(rejected, max_seq_len)
+        prompt = min(prompt, max_seq_len - max(chosen, rejected))
+        ids = torch.randint(0, vocab_size, (prompt + chosen + rejected,), generator=generator)
+        if pad_token_id is not None:  # real tokens only: the padded layout must not mistake one for padding
+            ids[ids == pad_token_id] = (pad_token_id + 1) % vocab_size
+        ids = ids.tolist()
+        pairs.append(
+            {
+                "prompt_ids": ids[:prompt],
+                "chosen_ids": ids[prompt : prompt + chosen],
+                "rejected_ids": ids[prompt + chosen :],
+                "margin": None,
+            }
+        )
+    return pairs
+
+
+def probe_tolerance(expected: torch.Tensor, dtype: torch.dtype) -> float:
+    """Largest |reward difference| a layout may show and still count as exact: a fraction of the reward scale
+    (the largest |padded reward|, at least 1), 1e-5 in fp32, 10% in bf16/fp16, between the rounding noise of
+    exact layouts and the error of wrong ones (measured: see `HALF_RELATIVE_TOLERANCE`)."""
+    scale = max(1.0, float(expected.abs().max()))
+    relative = FP32_RELATIVE_TOLERANCE if dtype == torch.float32 else HALF_RELATIVE_TOLERANCE
+    return relative * scale
+
+
+def engine_device(engine) -> torch.device:
+    return getattr(engine, "device", None) or next(engine.parameters()).device
+
+
+def largest_over_ranks(value: float, device: torch.device) -> float:
+    """The largest `value` of any rank, so that every rank keeps the same layout (on `device`: NCCL reduces
+    only CUDA tensors)."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return float(tensor.item())
+
+
+def probe_examples(pairs: list[dict]) -> list[dict]:
+    """`pairs` and one K-wise group made of their tokens (a prompt with three response branches), so the probe
+    also covers more than two branches of one shared prompt."""
+    third, second = pairs[2], pairs[1]
+    group = {
+        "prompt_ids": third["prompt_ids"],
+        "response_ids": [third["chosen_ids"], third["rejected_ids"], second["chosen_ids"]],
+        "scores": [2.0, 1.0, 0.0],
+        "comparisons": [[0, 1], [0, 2], [1, 2]],
+    }
+    return [*pairs, group]
+
+
+def layout_rewards(engine, examples: list[dict], layout: BatchLayout, pad_token_id: int) -> torch.Tensor:
+    """All rewards of `examples` in `layout` (the batch's response order, float32), from one forward pass."""
+    device = engine_device(engine)
+    batch = {key: value.to(device) for key, value in layout.collator(pad_token_id)(examples).items()}
+    return batch_rewards(engine, batch, layout).float().cpu()
+
+
+def measure(
+    engine, pairs: list[dict], layout: BatchLayout, pad_token_id: int, expected: torch.Tensor
+) -> tuple[float, str]:
+    """(max |reward - expected| over every rank, or inf; what went wrong when the layout could not run)."""
+    reward_model = getattr(engine, "module", engine)
+    failure = ""
+    try:
+        if layout.attention == SEGMENTS:
+            use_segment_attention(reward_model)
+        difference = float((layout_rewards(engine, pairs, layout, pad_token_id) - expected).abs().max())
+    except torch.distributed.DistError:
+        raise
+    except (ValueError, RuntimeError, TypeError, IndexError) as error:
+        if isinstance(error, torch.OutOfMemoryError):
+            raise
+        failure, difference = f"{type(error).__name__}: {error}".splitlines()[0], math.inf
+    return largest_over_ranks(difference, engine_device(engine)), failure
+
+
+def probe_layout(
+    engine, candidates: list[BatchLayout], config: TrainConfig, pad_token_id: int
+) -> BatchLayout:
+    """The first of `candidates` whose rewards equal the padded batch's within `probe_tolerance`, its reason
+    saying what was measured; else the padded layout (`ConfigError` when a flag is `on`). Every rank must call
+    it (it runs collective forwards under ZeRO-3 and agrees on the largest difference)."""
+    start = time.perf_counter()
+    reward_model = getattr(engine, "module", engine)
+    dtype = reward_model.v_head.weight.dtype
+    pairs = probe_examples(probe_pairs(config.max_seq_len, reward_model.config.vocab_size, pad_token_id))
+    was_training = engine.training
+    engine.eval()
+    measured, chosen = [], None
+    try:
+        with torch.no_grad():
+            expected = layout_rewards(engine, pairs, BatchLayout(), pad_token_id)
+            tolerance = probe_tolerance(expected, dtype)
+            for candidate in candidates:
+                difference, failure = measure(engine, pairs, candidate, pad_token_id, expected)
+                measured.append(f"{candidate.attention} {failure or f'max diff {difference:.2g}'}")
+                if difference <= tolerance:
+                    chosen = candidate
+                    break
+                stop_segment_attention(reward_model)
+    finally:
+        if was_training:
+            engine.train()
+    summary = (
+        f"{', '.join(measured)}; tolerance {tolerance:.2g} ({str(dtype).removeprefix('torch.')}); "
+        f"probe {time.perf_counter() - start:.2f} s"
+    )
+    if chosen is not None:
+        why = f"{chosen.reason}; " if chosen.reason else ""
+        return dataclasses.replace(chosen, reason=f"{why}proved exact at start-up: {summary}")
+    reason = f"no fast layout gives the padded rewards on this model: {summary}"
+    for flag in on_flags(config):
+        raise ConfigError(f"--{flag} on: {reason}; train with --packing off --share_prompt off")
+    return BatchLayout(reason=reason)
+
+
+def choose_layout(config: TrainConfig, engine, pad_token_id: int) -> BatchLayout:
+    """The layout the run trains with, chosen once after `deepspeed.initialize` on every rank: the fastest
+    candidate the probe proves exact on this model, else padded; logged in one line with the reason. Leaves
+    the backbone switched to segment attention when that is the layout."""
+    candidates, reason = layout_candidates(config, getattr(engine, "module", engine).config)
+    layout = (
+        probe_layout(engine, candidates, config, pad_token_id) if candidates else BatchLayout(reason=reason)
+    )
+    logger.info("batch layout: %s", layout.describe())
+    return layout
