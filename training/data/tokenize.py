@@ -81,6 +81,17 @@ def shared_prefix_length(sequences: Sequence[list[int]]) -> int:
     return min(shared, length - 1)
 
 
+def split_shared_prefix(sequences: Sequence[list[int]]) -> tuple[list[int], list[list[int]]]:
+    """(the prefix all `sequences` share, the rest of each): a group's prompt and responses, each response
+    keeping at least one token (`shared_prefix_length`).
+
+    >>> split_shared_prefix([[1, 5, 6, 2], [1, 5, 7, 2]])
+    ([1, 5], [[6, 2], [7, 2]])
+    """
+    shared = shared_prefix_length(sequences)
+    return list(sequences[0][:shared]), [list(sequence[shared:]) for sequence in sequences]
+
+
 def _clip_response(response_ids: list[int], budget: int) -> list[int]:
     """Cut a response from the right to `budget` tokens, keeping its final token (the EOS)."""
     return response_ids if len(response_ids) <= budget else [*response_ids[: budget - 1], response_ids[-1]]
@@ -142,8 +153,8 @@ def tokenize_rows(
     examples, counts = [], Counter(truncated_rows=0, truncated_responses=0, prompts_cut_to_first_token=0)
     for row, responses in zip(rows, responses_of, strict=True):
         full = [finish_sequence(next(encoded), bos_token_id, eos_token_id) for _ in responses]
-        shared = shared_prefix_length(full)
-        prompt_ids, response_ids = full[0][:shared], [ids[shared:] for ids in full]
+        prompt_ids, response_ids = split_shared_prefix(full)
+        shared = len(prompt_ids)
         if shared + max(len(response) for response in response_ids) > max_seq_len:
             prompt_ids, response_ids, response_cut = truncate_responses(
                 prompt_ids, response_ids, max_seq_len, bos_token_id
@@ -172,37 +183,72 @@ def tokenize_rows(
     return examples, counts
 
 
+def tokenize_responses(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: Content,
+    responses: Sequence[Content],
+    max_seq_len: int,
+    origin: str = "tokenize_responses",
+) -> tuple[list[list[int]], list[bool]]:
+    """The token ids of each `prompt + response` (texts or messages), as training would see them: rendered,
+    tokenised (one batched call), ended with one EOS and, when too long, truncated by `truncate_responses` on its
+    own (prompt cut from the left after its BOS, the response from the right before its EOS), so a response's
+    tokens never depend on the other responses. What `evaluate --score` and the reward server score.
+
+    Returns:
+        (token ids per response, whether each was truncated).
+
+    Raises:
+        DataError: a field that is neither text nor a list of `{"role", "content"}` texts (named with `origin`),
+            or a chat template that fails on the conversation.
+    """
+    _check_tokenizer(tokenizer, max_seq_len)
+    fields = {
+        "prompt": prompt,
+        **{f"responses[{index}]": response for index, response in enumerate(responses)},
+    }
+    try:
+        prompt, *responses = (content_field(fields, name) for name in fields)
+        # As for a training row: a response repeating the prompt's turns (up to whitespace) keeps its own.
+        conversations = [
+            split_prompt(prompt, response, response, {"rejected": name})[:2]
+            for name, response in zip(list(fields)[1:], responses, strict=True)
+        ]
+    except RowError as error:
+        raise DataError(f"{origin}: {error}") from None
+    if not responses:
+        return [], []
+    texts = [_render_row(tokenizer, origin, prompt, [response])[0] for prompt, response in conversations]
+    bos_token_id, eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    encoded = tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
+    sequences = [finish_sequence(token_ids, bos_token_id, eos_token_id) for token_ids in encoded]
+    too_long = [len(sequence) > max_seq_len for sequence in sequences]
+    for index in (index for index, cut in enumerate(too_long) if cut):
+        # Where the prompt ends: the prefix the sequence shares with its prompt rendered alone.
+        prompt, response = conversations[index]
+        if isinstance(prompt, str) and isinstance(response, str):
+            prompt_text = prompt
+        else:
+            prompt_text = tokenizer.apply_chat_template(as_messages(prompt, "user"), tokenize=False)
+        prompt_alone = [*tokenizer(prompt_text, add_special_tokens=True, verbose=False)["input_ids"], -1]
+        full = sequences[index]
+        shared = shared_prefix_length([full, prompt_alone])
+        prompt_ids, (response_ids,), _ = truncate_responses(
+            full[:shared], [full[shared:]], max_seq_len, bos_token_id
+        )
+        sequences[index] = prompt_ids + response_ids
+    return sequences, too_long
+
+
 def tokenize_response(
     tokenizer: PreTrainedTokenizerBase, prompt: Content, response: Content, max_seq_len: int
 ) -> list[int]:
-    """The token ids of one `prompt + response` (texts or messages), as training would see them: rendered,
-    tokenised, ended with one EOS and, when too long, truncated by `truncate_responses` (prompt cut from the
-    left after its BOS, the response from the right before its EOS). What `evaluate --score` scores.
-    """
-    _check_tokenizer(tokenizer, max_seq_len)
-    fields = {"prompt": prompt, "response": response}
-    try:
-        prompt, response = (content_field(fields, name) for name in ("prompt", "response"))
-        # As for a training row: a response repeating the prompt's turns (up to whitespace) keeps its own.
-        prompt, response, _ = split_prompt(prompt, response, response, {"rejected": "response"})
-    except RowError as error:
-        raise DataError(f"tokenize_response: {error}") from None
-    (text,) = _render_row(tokenizer, "tokenize_response", prompt, [response])
-    token_ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
-    full = finish_sequence(token_ids, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    if len(full) <= max_seq_len:
-        return full
-    # Where the prompt ends: the prefix `full` shares with the prompt rendered alone.
-    if isinstance(prompt, str) and isinstance(response, str):
-        prompt_text = prompt
-    else:
-        prompt_text = tokenizer.apply_chat_template(as_messages(prompt, "user"), tokenize=False)
-    prompt_alone = tokenizer(prompt_text, add_special_tokens=True, verbose=False)["input_ids"]
-    shared = shared_prefix_length([full, [*prompt_alone, -1]])
-    prompt_ids, (response_ids,), _ = truncate_responses(
-        full[:shared], [full[shared:]], max_seq_len, tokenizer.bos_token_id
+    """The token ids of one `prompt + response` (`tokenize_responses` of one response): what
+    `evaluate --score` scores."""
+    (token_ids,), _ = tokenize_responses(
+        tokenizer, prompt, [response], max_seq_len, origin="tokenize_response"
     )
-    return prompt_ids + response_ids
+    return token_ids
 
 
 def tokenize_pair(
