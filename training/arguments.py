@@ -99,6 +99,14 @@ class TrainConfig:
     max_seq_len: int = field(
         default=512, metadata=_help("Longest prompt + response in tokens (prompt cut left).")
     )
+    data_cache_dir: str | None = field(
+        default=None,
+        metadata=_help(
+            "Tokenised-data cache: each data set is tokenised once per node (its ranks share the work) into "
+            "flat arrays every rank memory-maps; resumed and repeated runs reuse it. Default: "
+            "$REWARDSPEED_DATA_CACHE, else ~/.cache/rewardspeed/data; 'off': every rank tokenises into memory."
+        ),
+    )
 
     # Model
     model_name_or_path: str = field(
