@@ -222,15 +222,18 @@ def build_once_per_node(
     """
     opened = _try_open(open_folder, folder)
     this_rank, _ = _world()
-    views = _all_gather((_node_id(), opened is not None, secrets.token_hex(6)))
-    if all(complete for _, complete, _ in views):
-        logger.info("tokenised data: reusing %s", folder)
-        return opened
+    views = _all_gather((_node_id(), str(folder), opened is not None, secrets.token_hex(6)))
     node = views[this_rank][0]
     members = [rank for rank, view in enumerate(views) if view[0] == node]
+    folders = {views[rank][1] for rank in members}
+    if len(folders) > 1:  # e.g. different data files or tokenizers: the shards would not fit together
+        raise DataError(f"the ranks of this node would tokenise different data (cache keys {sorted(folders)})")
+    if all(view[2] for view in views):
+        logger.info("tokenised data: reusing %s", folder)
+        return opened
     group = NodeGroup(members.index(this_rank), len(members))
-    build_here = not all(views[rank][1] for rank in members)
-    staging = folder.with_name(f"{folder.name}{STAGING}{views[0][2]}-{members[0]}")
+    build_here = not all(views[rank][2] for rank in members)
+    staging = folder.with_name(f"{folder.name}{STAGING}{views[0][3]}-{members[0]}")
 
     outcome, own_error = None, None
     if build_here:
