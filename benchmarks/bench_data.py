@@ -87,19 +87,20 @@ def run_project_worker(job: dict) -> None:
         tokenise_shard = load._tokenise_shard
 
         def timed(*args, **kwargs):
-            start = time.time()
+            start, cpu_start = time.time(), time.process_time()
             try:
                 return tokenise_shard(*args, **kwargs)
             finally:
                 phases["tokenise_s"] = phases.get("tokenise_s", 0.0) + time.time() - start
+                phases["tokenise_cpu_s"] = phases.get("tokenise_cpu_s", 0.0) + time.process_time() - cpu_start
 
         load._tokenise_shard = timed
     kwargs = {"skip_invalid_rows": True}
     if "cache_dir" in inspect.signature(load.load_preference_data).parameters:
         kwargs["cache_dir"] = job["cache_dir"]
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     data = load.load_preference_data([job["data_path"]], tokenizer, job["max_seq_len"], seed=SEED, **kwargs)
-    data_s = time.time() - start
+    data_s, data_cpu_s = time.time() - start, time.process_time() - cpu_start
     indices = epoch_batches(len(data.train), 0, SEED, MICRO_BATCH, 1, rank, ranks)[0]
     collate = PackedCollator(tokenizer.pad_token_id, None, share_prompt=True, segment_attention=True)
     batch = collate([data.train[index] for index in indices])
@@ -114,6 +115,7 @@ def run_project_worker(job: dict) -> None:
     result = {
         "rank": rank,
         "data_s": data_s,
+        "data_cpu_s": data_cpu_s,
         "first_batch_s": first_batch_at - job["launched_at"],
         "peak_rss": peak_rss,
         "rss_before_data": rss_before,
@@ -269,8 +271,9 @@ def worst(result: dict, tokens: int | None = None) -> dict:
     TRL run does not count."""
     ranks = result["ranks"]
     return {
+        "ready_s": max(rank["ready_s"] for rank in ranks),
         "data_s": max(rank["data_s"] for rank in ranks),
-        "tokenise_s": max((rank.get("tokenise_s", 0.0) for rank in ranks), default=0.0),
+        "data_cpu_s": max(rank["data_cpu_s"] for rank in ranks),
         "first_batch_s": max(rank["first_batch_s"] for rank in ranks),
         "peak_rss": max(rank["peak_rss"] for rank in ranks),
         "tokens": ranks[0].get("tokens", tokens),
@@ -296,9 +299,9 @@ def report(runs: list[dict], args) -> str:
         f"{platform.node()} ({os.cpu_count()} cores), {time.strftime('%Y-%m-%d')}. SmolLM2-135M tokenizer, "
         f"max_seq_len {args.max_seq_len}, hh-rlhf harmless-base rows repeated (`benchmarks/bench_data.py`).",
         "",
-        "| pairs | tokens | path | ranks | run | data step s (tokenise) | first batch s | peak RSS / rank | "
-        "bytes / token | load avg |",
-        "| ---: | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | --- |",
+        "| pairs | tokens | path | ranks | run | start-up s | data step s | data CPU s / rank | first batch s | "
+        "peak RSS / rank | bytes / token | load avg |",
+        "| ---: | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     tokens = {
         result["size"]: result["ranks"][0]["tokens"]
@@ -309,27 +312,21 @@ def report(runs: list[dict], args) -> str:
         label = [f"{result['size']:,}", "", result["path"], str(result["num_ranks"]), result["run"]]
         load = f"{result['load'][0]:.1f}-{result['load'][1]:.1f}"
         if result.get("timed_out"):
-            lines.append(
-                "| " + " | ".join([*label, f"stopped at {result['wall_s']:.0f} s", "", "", "", load]) + " |"
-            )
+            stopped = f"stopped at {result['wall_s']:.0f} s"
+            lines.append("| " + " | ".join([*label, "", stopped, "", "", "", "", load]) + " |")
             continue
         summary = worst(result, tokens.get(result["size"]))
         label[1] = f"{summary['tokens'] / 1e6:.1f}M" if summary["tokens"] else "?"
-        tokenise = f" ({summary['tokenise_s']:.1f})" if summary["tokenise_s"] else ""
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    *label,
-                    f"{summary['data_s']:.1f}{tokenise}",
-                    f"{summary['first_batch_s']:.1f}",
-                    f"{summary['peak_rss'] / GIB:.2f} GiB",
-                    f"{summary['peak_rss'] / summary['tokens']:.0f}" if summary["tokens"] else "",
-                    load,
-                ]
-            )
-            + " |"
-        )
+        cells = [
+            f"{summary['ready_s']:.1f}",
+            f"{summary['data_s']:.1f}",
+            f"{summary['data_cpu_s']:.1f}",
+            f"{summary['first_batch_s']:.1f}",
+            f"{summary['peak_rss'] / GIB:.2f} GiB",
+            f"{summary['peak_rss'] / summary['tokens']:.0f}" if summary["tokens"] else "",
+            load,
+        ]
+        lines.append("| " + " | ".join([*label, *cells]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -36,7 +36,7 @@ def main(job: dict) -> None:
     state = PartialState()  # the process group under torchrun (gloo on CPU), as the Trainer starts it
     tokenizer = AutoTokenizer.from_pretrained(job["tokenizer_dir"])
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     ready_s = start - job["launched_at"]
     dataset = load_dataset("json", data_files=job["data_path"], split="train")
     with tempfile.TemporaryDirectory() as output_dir:
@@ -44,7 +44,7 @@ def main(job: dict) -> None:
             output_dir=output_dir, max_length=job["max_seq_len"], report_to="none", use_cpu=True
         )
         prepared = RewardTrainer._prepare_dataset(None, dataset, tokenizer, args, "train")
-    data_s = time.time() - start
+    data_s, data_cpu_s = time.time() - start, time.process_time() - cpu_start
     collate = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)
     batch = collate([prepared[index] for index in range(MICRO_BATCH)])
     first_batch_at = time.time()
@@ -59,6 +59,7 @@ def main(job: dict) -> None:
     result = {
         "rank": state.process_index,
         "data_s": data_s,
+        "data_cpu_s": data_cpu_s,
         "first_batch_s": first_batch_at - job["launched_at"],
         "peak_rss": peak_rss,
         "rss_before_data": rss_before,
