@@ -2,7 +2,7 @@
 
     arguments.py      one typed config (`TrainConfig`), DeepSpeed-Chat flag names, the embedded default run
     ds_config.py      DeepSpeed JSON configs, their "auto" fields filled from the flags
-    data/             preference data: sources -> formats -> splits -> tokenize -> collate
+    data/             preference data: sources -> formats -> splits -> rows -> tokenize -> store -> collate
     layout.py         the batch layout (padded, packed, prompt-shared), decided once; the forward it needs
     sampling.py       the epoch order
     losses.py         pairwise losses as pure functions
