@@ -227,7 +227,9 @@ def build_once_per_node(
     members = [rank for rank, view in enumerate(views) if view[0] == node]
     folders = {views[rank][1] for rank in members}
     if len(folders) > 1:  # e.g. different data files or tokenizers: the shards would not fit together
-        raise DataError(f"the ranks of this node would tokenise different data (cache keys {sorted(folders)})")
+        raise DataError(
+            f"the ranks of this node would tokenise different data (cache keys {sorted(folders)})"
+        )
     if all(view[2] for view in views):
         logger.info("tokenised data: reusing %s", folder)
         return opened

@@ -4,7 +4,8 @@ can memory-map from one copy on disk.
 Python lists of token ids cost a pointer and an int object per token (~40 bytes); here a token is 4 bytes of an
 int32 array, and an example is built as the usual dict (`records.py`) only when it is indexed:
 
-    store = ExampleStore([write_part(folder, tokenize_chunks(tokenizer, rows, max_seq_len))])
+    chunks = (examples for examples, _ in tokenize_chunks(tokenizer, rows, max_seq_len))
+    store = ExampleStore([write_part(folder, chunks)])  # folder None: in memory
     store[0]  # {"prompt_ids": [...], "chosen_ids": [...], "rejected_ids": [...], "margin": None}
 
 A store is an ordered list of parts (one per rank that tokenised a shard of the rows); a part is these arrays,
@@ -13,7 +14,8 @@ one file each on disk (raw little-endian, sizes in `part.json`, written last), o
     tokens             int32[T]    every span's token ids end to end; per example its prompt, then its responses
     span_ends          int64[S]    where each span ends in `tokens` (it starts where the previous one ended)
     example_span_ends  int64[N]    where each example's spans end (its first span is its prompt)
-    scores             float64[S-N] each response's score (response r of example i is span r + i + 1); NaN for a pair
+    scores             float64[R]  each response's score (R = S - N; the response of span s of example i is
+                                   s - i - 1); NaN for a pair's
     comparisons        int32[2C]   (better, worse) response indices within the example, flattened
     comparison_ends    int64[N]    where each example's comparisons end
     margins            float64[C]  each comparison's margin; NaN for none (real margins are finite)
