@@ -16,6 +16,14 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _data_cache_of_this_session(tmp_path_factory):
+    """Training runs (and the processes they launch) cache tokenised data in a folder of this test session, not
+    in the user's ~/.cache/rewardspeed/data."""
+    os.environ["REWARDSPEED_DATA_CACHE"] = str(tmp_path_factory.mktemp("data-cache"))
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     import torch

@@ -327,10 +327,12 @@ def test_eval_never_overlaps_train_and_loading_is_deterministic(tmp_path, tokeni
     decode = lambda pair: tokenizer.decode(full_ids(pair, "chosen"))  # noqa: E731
     eval_texts = {decode(pair) for pair in phases[0].eval}
     train_texts = [decode(pair) for data in phases for pair in data.train]
-    assert len(eval_texts) == 6 and all(data.eval == phases[0].eval for data in phases)
+    assert len(eval_texts) == 6 and all(list(data.eval) == list(phases[0].eval) for data in phases)
     assert len(train_texts) == len(set(train_texts)) == 54 and not eval_texts & set(train_texts)
-    assert load_preference_data([path], tokenizer, 64, data_split="2,4,4").train == phases[1].train
-    assert load_preference_data([path], tokenizer, 64, seed=7).train != phases[1].train
+    assert list(load_preference_data([path], tokenizer, 64, data_split="2,4,4").train) == list(
+        phases[1].train
+    )
+    assert list(load_preference_data([path], tokenizer, 64, seed=7).train) != list(phases[1].train)
 
 
 def test_eval_data_paths_replace_the_held_out_rows(tmp_path, tokenizer):
@@ -541,7 +543,7 @@ def test_real_hh_rlhf_harmless_base(tokenizer):
     assert data.stats["skipped_rows"] == {"empty_response": 4}  # lines 87, 517, 926, 1104: empty chosen
     assert (data.stats["train_pairs"], data.stats["eval_pairs"]) == (2008, 300)
     assert data.stats["truncated_rows"]["train"] > 0
-    for pair in data.train + data.eval:
+    for pair in [*data.train, *data.eval]:
         assert len(pair["prompt_ids"]) + max(len(pair["chosen_ids"]), len(pair["rejected_ids"])) <= 256
         assert pair["chosen_ids"][-1] == pair["rejected_ids"][-1] == tokenizer.eos_token_id
 

@@ -268,7 +268,7 @@ def test_odd_unicode_rows_load_and_tokenize_within_bounds_or_raise_data_error(
     except DataError as error:
         assert path in str(error)  # e.g. no training rows left after skipping
         return
-    check_pairs(data.train + data.eval, tokenizer, max_seq_len)
+    check_pairs([*data.train, *data.eval], tokenizer, max_seq_len)
     assert data.stats["train_pairs"] + sum(data.stats["skipped_rows"].values()) == len(rows)
 
 

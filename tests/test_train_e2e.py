@@ -99,16 +99,19 @@ def test_fp16_on_cpu_is_a_clear_error(tiny_setup, tmp_path):
 
 def test_resume_continues_with_identical_losses(tiny_setup, tmp_path):
     model, data = tiny_setup
-    output = str(tmp_path / "out")
-    run_single(model, data, output, "--max_steps", "12", "--save_interval", "6", "--keep_checkpoints", "3")
+    output, cache = str(tmp_path / "out"), ("--data_cache_dir", str(tmp_path / "cache"))
+    first = run_single(
+        model, data, output, "--max_steps", "12", "--save_interval", "6", "--keep_checkpoints", "3", *cache
+    )
     uninterrupted, _ = read_metrics(output)
     # Emulate a crash right after step 6's checkpoint: drop what came later, continue with --resume.
     checkpoints = os.path.join(output, "checkpoints")
     shutil.rmtree(os.path.join(checkpoints, "step_12"))
     with open(os.path.join(checkpoints, "latest"), "w") as file:
         file.write("step_6")
-    run_single(model, data, output, "--max_steps", "12", "--save_interval", "6", "--resume")
+    second = run_single(model, data, output, "--max_steps", "12", "--save_interval", "6", "--resume", *cache)
     resumed, _ = read_metrics(output)
+    assert "tokenised data: building" in first.stderr and "tokenised data: reusing" in second.stderr
     assert [r["step"] for r in resumed] == list(range(1, 13))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in uninterrupted]
     assert [r["pairs_seen"] for r in resumed] == [r["pairs_seen"] for r in uninterrupted]

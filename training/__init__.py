@@ -3,7 +3,7 @@
     arguments.py      one typed config (`TrainConfig`), DeepSpeed-Chat flag names, the embedded default run
     preflight.py      every failure that would come late, checked before data and model load
     ds_config.py      DeepSpeed JSON configs, their "auto" fields filled from the flags
-    data/             preference data: sources -> formats -> splits -> tokenize -> collate
+    data/             preference data: sources -> formats -> splits -> rows -> tokenize -> store -> collate
     layout.py         the batch layout (padded, packed, prompt-shared): what the config allows; the forward
     probe.py          the start-up probe: the fastest layout proved exact on the model itself (choose_layout)
     sampling.py       the epoch order

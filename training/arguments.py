@@ -117,6 +117,14 @@ class TrainConfig:
             "(refused otherwise)."
         ),
     )
+    data_cache_dir: str | None = field(
+        default=None,
+        metadata=_help(
+            "Tokenised-data cache: each data set is tokenised once per node (its ranks share the work) into "
+            "flat arrays every rank memory-maps; resumed and repeated runs reuse it. Default: "
+            "$REWARDSPEED_DATA_CACHE, else ~/.cache/rewardspeed/data; 'off': every rank tokenises into memory."
+        ),
+    )
 
     # Model
     model_name_or_path: str = field(

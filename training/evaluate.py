@@ -48,7 +48,7 @@ from training.data.listwise import ULTRAFEEDBACK_SCORES
 
 def evaluation_rows(data_paths: Sequence[str], listwise=None) -> list:
     """Each source's own evaluation split when it has one, else all its rows (see the module docstring)."""
-    from training.data.load import read_preference_rows
+    from training.data.rows import read_preference_rows
 
     rows = []
     for path in data_paths:

@@ -56,6 +56,8 @@ def resolve_data_paths(config: TrainConfig) -> list[str]:
 
 
 def load_data(config: TrainConfig, tokenizer) -> PreferenceData:
+    """Tokenised once per node into the data cache (collective: every rank calls it), memory-mapped by each rank."""
+    from training.data.cache import resolve_cache_dir
     from training.data.formats import parse_column_map
     from training.data.load import load_preference_data
     from training.data.records import ListwiseOptions
@@ -71,10 +73,11 @@ def load_data(config: TrainConfig, tokenizer) -> PreferenceData:
         skip_invalid_rows=config.skip_invalid_rows,
         eval_data_paths=config.eval_data_path or None,
         listwise=ListwiseOptions(config.min_score_gap, config.ultrafeedback_score, config.score_gap_margin),
+        cache_dir=resolve_cache_dir(config.data_cache_dir),
     )
     if not data.eval:
         raise DataError("no evaluation pairs: give --eval_data_path or a positive --eval_fraction")
-    if config.loss_type == "dschat" and any("response_ids" in example for example in data.train + data.eval):
+    if config.loss_type == "dschat" and (data.train.has_groups or data.eval.has_groups):
         raise ConfigError("--loss_type dschat takes pairs only; this data has rows with several responses")
     return data
 

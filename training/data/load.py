@@ -1,174 +1,178 @@
-"""Loading preference data for one training phase: read -> validate -> split -> tokenise.
+"""Loading preference data for one training phase: rows (read, validate, split) -> tokenise -> store.
 
     data = load_preference_data(["Anthropic/hh-rlhf", "pairs.jsonl"], tokenizer, max_seq_len=512)
-    data.train, data.eval, data.stats
+    data.train, data.eval, data.stats   # two `ExampleStore`s (flat token arrays, `store.py`) and counts
 
-With `eval_data_paths` those sources (their eval split when they have one, else all rows) are the evaluation
-rows, and nothing is held out of the training sources (splits.py says how rows are held out otherwise).
-Invalid rows of every source are collected and reported in one `DataError` before any tokenisation, or skipped
-and counted by reason in `stats["skipped_rows"]` with `skip_invalid_rows=True`.
+Which rows are training and evaluation rows, and how invalid rows are reported or skipped, is `rows.py`. With
+`cache_dir` (training passes `--data_cache_dir`) the stores are memory-mapped from a cache folder keyed by
+everything the tokens depend on (`cache_material`), tokenised once per node by its ranks together (`cache.py`);
+a resumed or repeated run opens them without reading or tokenising a row, and logs the same statistics.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from training.data.formats import describe_value, detect_format, normalise_record
-from training.data.listwise import LISTWISE_FIELDS, detect_listwise, normalise_ranked
-from training.data.records import (
-    DataError,
-    ListwiseOptions,
-    PreferenceData,
-    PreferenceRow,
-    RankedRow,
-    RawRecord,
-    RowError,
-    RowFormat,
-    RowSkipped,
-    SourceRows,
-    num_comparisons,
-)
-from training.data.sources import load_records
-from training.data.splits import DEFAULT_DATA_SPLIT, REWARD_PHASE, parse_data_split, split_indices
-from training.data.tokenize import tokenize_rows
+from training.data.records import DataError, ListwiseOptions, PreferenceData
+from training.data.rows import DataOptions, PhaseRows, read_phase_rows
+from training.data.sources import choose_source
+from training.data.splits import DEFAULT_DATA_SPLIT, REWARD_PHASE, parse_data_split
+from training.data.store import ExampleStore, IncompletePart, open_part, write_part
+from training.data.tokenize import tokenize_chunks
 
 logger = logging.getLogger(__name__)
 
-MAX_LISTED_PROBLEMS = 20
+SPLITS = ("train", "eval")
+# What tokenisation counts per split (`tokenize.tokenize_rows`), reported in the statistics.
+COUNTS = ("truncated_rows", "truncated_responses", "prompts_cut_to_first_token")
 
 
-def _normalise_split(
-    records: list[RawRecord], row_format: RowFormat, source: SourceRows, options: ListwiseOptions
-) -> list[PreferenceRow | RankedRow]:
-    rows = []
-    for record in records:
-        try:
-            if row_format.listwise:
-                row, dropped = normalise_ranked(record, row_format, options)
-                source.responses_dropped.update({reason: n for reason, n in dropped.items() if n})
-            else:
-                row = normalise_record(record, row_format)
-        except RowError as error:
-            source.skipped[error.reason] += 1
-            source.problems.append(f"{record.origin}: {error}")
-            continue
-        except RowSkipped as skipped:
-            source.skipped_by_rule[skipped.reason] += 1
-            source.responses_dropped.update(
-                {reason: n for reason, n in skipped.responses_dropped.items() if n}
+def _data(
+    read_stats: dict[str, Any], stores: dict[str, ExampleStore], counts: dict[str, Counter]
+) -> PreferenceData:
+    """`PreferenceData` with its statistics (the same whether tokenised now or opened from the cache)."""
+    read = dict(read_stats)
+    stats = {
+        "rows_read": read.pop("rows_read"),
+        "train_pairs_per_source": read.pop("train_pairs_per_source"),
+        **{f"{split}_examples": len(stores[split]) for split in SPLITS},
+        **{f"{split}_pairs": stores[split].num_comparisons for split in SPLITS},
+        **{name: {split: counts[split][name] for split in SPLITS} for name in COUNTS},
+        **read,
+    }
+    return PreferenceData(train=stores["train"], eval=stores["eval"], stats=stats)
+
+
+def _tokenised_chunks(
+    chunks: Iterable[tuple[list[dict], Counter]], counts: Counter, progress
+) -> Iterator[list[dict]]:
+    for examples, chunk_counts in chunks:
+        counts.update(chunk_counts)
+        progress.update(len(examples))
+        yield examples
+
+
+def _tokenise_shard(
+    phase: PhaseRows,
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_len: int,
+    folder: Path | None,
+    shard: int = 0,
+    shards: int = 1,
+    progress: bool = True,
+) -> tuple[dict[str, ExampleStore], dict[str, Counter]]:
+    """Tokenise shard `shard` of `shards` (contiguous rows of each split) into one part per split, written into
+    `folder` (`<split>-<shard>`) or kept in memory, with a progress bar when `progress`."""
+    from tqdm import tqdm
+
+    bounds = {
+        split: (len(rows) * shard // shards, len(rows) * (shard + 1) // shards)
+        for split, rows in (("train", phase.train), ("eval", phase.eval))
+    }
+    total = sum(stop - start for start, stop in bounds.values())
+    stores, counts = {}, {}
+    with tqdm(
+        total=total, desc="tokenising", unit="rows", disable=not progress, dynamic_ncols=True
+    ) as progress:
+        for split, rows in (("train", phase.train), ("eval", phase.eval)):
+            start, stop = bounds[split]
+            counts[split] = Counter(dict.fromkeys(COUNTS, 0))
+            chunks = tokenize_chunks(tokenizer, rows[start:stop], max_seq_len)
+            part = write_part(
+                folder / f"{split}-{shard}" if folder else None,
+                _tokenised_chunks(chunks, counts[split], progress),
             )
-            continue
-        if row is None:
-            source.ties_skipped += 1
-        else:
-            rows.append(row)
-    return rows
+            stores[split] = ExampleStore([part])
+    return stores, counts
 
 
-def row_format_of(source: str, column_names: set[str], column_map: dict[str, str] | None) -> RowFormat:
-    """Pairs (`formats.detect_format`) when the columns or the map name a pair's fields, else a K-wise layout
-    (`listwise.detect_listwise`) when they fit one, else `detect_format`'s error listing what it expects."""
-    column_map = dict(column_map or {})
-    pair_columns = {"chosen", "rejected"} <= column_names or {
-        "output_1",
-        "output_2",
-        "preference",
-    } <= column_names
-    if not pair_columns and not column_map.keys() - {"prompt", *LISTWISE_FIELDS}:
-        found = detect_listwise(column_names, column_map)
-        if found is not None:
-            layout, columns = found
-            missing = [
-                f"{column!r} ({name})"
-                for name, column in columns.items()
-                if name != "prompt" and column not in column_names
-            ]
-            if missing and column_names:
-                raise DataError(
-                    f"{source}: no column {', '.join(missing)}; its columns are {sorted(column_names)}"
-                )
-            return RowFormat(columns=columns, pairwise=False, listwise=layout)
-    return detect_format(source, column_names, column_map)
+def cache_material(
+    data_paths: list[str],
+    eval_data_paths: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    options: DataOptions,
+) -> dict[str, Any]:
+    """Everything the tokenised data depends on (its cache key, `cache.py`): each source's choice (subset,
+    splits, row range) and its files' bytes, the tokenizer, the library versions, the code, and the options."""
+    import tokenizers
+    import transformers
+
+    from training.data.cache import code_digest, files_digest, tokenizer_digest
+
+    def source(path: str, with_eval: bool) -> dict[str, Any]:
+        chosen = choose_source(path, with_eval)
+        rows = chosen.spec.row_range
+        return {
+            "source": path,
+            "subset": chosen.subset,
+            "splits": [chosen.train_split, chosen.eval_split],
+            "rows": [rows.start, rows.stop] if rows else None,
+            "files": files_digest(chosen.files_read()),
+        }
+
+    return {
+        "sources": [source(path, with_eval=not eval_data_paths) for path in data_paths],
+        "eval_sources": [source(path, with_eval=True) for path in eval_data_paths],
+        "tokenizer": tokenizer_digest(tokenizer),
+        "versions": {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
+        "code": code_digest(),
+        "options": {
+            **dataclasses.asdict(options),
+            "listwise": dataclasses.asdict(options.listwise or ListwiseOptions()),
+        },
+    }
 
 
-def _column_names(records: list[RawRecord]) -> set[str]:
-    return set().union(*(record.value.keys() for record in records if isinstance(record.value, dict)))
+def _open_cached(folder: Path) -> PreferenceData | None:
+    """The data of a complete cache folder (None when a part is incomplete)."""
+    from training.data.cache import read_manifest
+
+    shards = read_manifest(folder)["shards"]
+    try:
+        stores = {
+            split: ExampleStore([open_part(folder / shard["parts"][split]) for shard in shards])
+            for split in SPLITS
+        }
+    except IncompletePart:
+        return None
+    counts = {
+        split: sum((Counter(shard["counts"][split]) for shard in shards), Counter()) for split in SPLITS
+    }
+    return _data(shards[0]["read_stats"], stores, counts)
 
 
-def read_source(
-    source: str,
-    column_map: dict[str, str] | None = None,
-    listwise: ListwiseOptions | None = None,
-    with_eval: bool = True,
-) -> SourceRows:
-    """Read and validate one source without raising on invalid rows (they are listed in `problems`).
+def _cached_data(
+    cache_dir: Path,
+    data_paths: list[str],
+    eval_data_paths: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    options: DataOptions,
+) -> PreferenceData:
+    from training.data.cache import build_once_per_node, cache_key
 
-    `with_eval=False`: the source's own evaluation split is not wanted (not chosen, not read).
-    """
-    train_records, eval_records = load_records(source, with_eval)
-    all_records = train_records + (eval_records or [])
-    if not all_records:
-        raise DataError(f"{source}: no rows")
-    if not any(isinstance(record.value, dict) for record in all_records):
-        first = all_records[0]
-        problem = first.json_error or f"expected a JSON object, got {describe_value(first.value)}"
-        raise DataError(f"{first.origin}: {problem}; no row of {source} is a JSON object")
-    row_format = row_format_of(source, _column_names(all_records), column_map)
-    options = listwise or ListwiseOptions()
-    rows = SourceRows(source, [], None, rows_read=len(all_records))
-    rows.rows = _normalise_split(train_records, row_format, rows, options)
-    if eval_records is not None:
-        rows.eval_rows = _normalise_split(eval_records, row_format, rows, options)
-    return rows
+    material = cache_material(data_paths, eval_data_paths, tokenizer, options)
 
+    def build(staging: Path, group) -> dict:
+        phase = read_phase_rows(data_paths, eval_data_paths, options)
+        _, counts = _tokenise_shard(
+            phase, tokenizer, options.max_seq_len, staging, group.index, group.size, progress=group.index == 0
+        )
+        return {
+            "parts": {split: f"{split}-{group.index}" for split in SPLITS},
+            "counts": {split: dict(counts[split]) for split in SPLITS},
+            "read_stats": phase.stats,
+        }
 
-def raise_on_problems(sources: Sequence[SourceRows], skip_invalid_rows: bool) -> None:
-    """One `DataError` listing the invalid rows of all sources, unless they may be skipped."""
-    problems = [problem for source in sources for problem in source.problems]
-    if not problems or skip_invalid_rows:
-        return
-    listed = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
-    more = (
-        f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more"
-        if len(problems) > MAX_LISTED_PROBLEMS
-        else ""
-    )
-    raise DataError(
-        f"{len(problems)} invalid preference row(s); fix them or pass skip_invalid_rows=True to skip and "
-        f"count them:\n  {listed}{more}"
-    )
-
-
-def read_preference_rows(
-    path: str,
-    column_map: dict[str, str] | None = None,
-    skip_invalid_rows: bool = False,
-    listwise: ListwiseOptions | None = None,
-) -> SourceRows:
-    """Normalised text rows of one source (for evaluation and inspection); raises `DataError` on invalid rows.
-
-    Returns:
-        `SourceRows`: `.rows` (all rows of a file, the train split of a folder or hub dataset) and `.eval_rows`
-        (the source's own evaluation split, or None), with the counts of skipped rows and ties.
-    """
-    source = read_source(path, column_map, listwise)
-    raise_on_problems([source], skip_invalid_rows)
-    if source.problems:
-        logger.warning("%s: skipped %d invalid rows %s", path, len(source.problems), dict(source.skipped))
-    return source
-
-
-def _phase_rows(
-    rows: list, weights: list[float], phase_index: int, seed: int, eval_fraction: float
-) -> tuple[list, list]:
-    """(training rows of the phase, held-out evaluation rows) of one source's rows."""
-    train_indices, eval_indices = split_indices(len(rows), weights, phase_index, seed, eval_fraction)
-    return [rows[index] for index in train_indices], [rows[index] for index in eval_indices]
+    return build_once_per_node(cache_dir / cache_key(material), build, _open_cached, description=material)
 
 
 def load_preference_data(
@@ -183,6 +187,7 @@ def load_preference_data(
     skip_invalid_rows: bool = False,
     eval_data_paths: list[str] | None = None,
     listwise: ListwiseOptions | None = None,
+    cache_dir: str | Path | None = None,
 ) -> PreferenceData:
     """Read, validate, blend, split and tokenise the preference data of one training phase.
 
@@ -198,6 +203,11 @@ def load_preference_data(
         skip_invalid_rows: skip and count invalid rows instead of raising `DataError`.
         eval_data_paths: evaluation sources; when given nothing is held out of `data_paths`.
         listwise: how rows with several responses become comparisons (`listwise.py`).
+        cache_dir: the tokenised-data cache folder (`cache.py`); collective then: every rank calls this
+            together, and the ranks of a node share one tokenisation. None: tokenise into memory, this rank alone.
+
+    Returns:
+        `PreferenceData` whose `train` and `eval` are `ExampleStore`s (memory-mapped with `cache_dir`).
 
     Raises:
         DataError: before any tokenisation, listing every invalid row (file, line or row, field).
@@ -206,51 +216,17 @@ def load_preference_data(
         raise DataError("no data paths given")
     if not 0 <= eval_fraction < 1:
         raise DataError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    weights = parse_data_split(data_split, phase_index)
-    sources = [read_source(path, column_map, listwise, with_eval=not eval_data_paths) for path in data_paths]
-    eval_sources = [read_source(path, column_map, listwise) for path in eval_data_paths or []]
-    raise_on_problems(sources + eval_sources, skip_invalid_rows)
-
-    train_rows, eval_rows, train_pairs_per_source = [], [], {}
-    for source in sources:
-        hold_out = not eval_data_paths and source.eval_rows is None
-        source_train, held_out = _phase_rows(
-            source.rows, weights, phase_index, seed, eval_fraction if hold_out else 0.0
-        )
-        train_rows += source_train
-        train_pairs_per_source[source.source] = len(source_train)
-        if not eval_data_paths:
-            eval_rows += held_out if hold_out else source.eval_rows
-    for source in eval_sources:
-        eval_rows += source.eval_rows if source.eval_rows is not None else source.rows
-    if not train_rows:
-        raise DataError(
-            f"no training rows for phase {phase_index} of data_split {data_split!r} in {data_paths}"
-        )
-
-    train, train_counts = tokenize_rows(tokenizer, train_rows, max_seq_len)
-    evaluation, eval_counts = tokenize_rows(tokenizer, eval_rows, max_seq_len)
-    all_sources = sources + eval_sources
-    stats = {
-        "rows_read": {source.source: source.rows_read for source in all_sources},
-        "train_pairs_per_source": train_pairs_per_source,
-        "train_examples": len(train),
-        "eval_examples": len(evaluation),
-        "train_pairs": sum(map(num_comparisons, train)),
-        "eval_pairs": sum(map(num_comparisons, evaluation)),
-        "truncated_rows": {"train": train_counts["truncated_rows"], "eval": eval_counts["truncated_rows"]},
-        "truncated_responses": {
-            "train": train_counts["truncated_responses"],
-            "eval": eval_counts["truncated_responses"],
-        },
-        "prompts_cut_to_first_token": {
-            "train": train_counts["prompts_cut_to_first_token"],
-            "eval": eval_counts["prompts_cut_to_first_token"],
-        },
-        "skipped_rows": dict(sum((source.skipped for source in all_sources), Counter())),
-        "ties_skipped": sum(source.ties_skipped for source in all_sources),
-        "skipped_by_rule": dict(sum((source.skipped_by_rule for source in all_sources), Counter())),
-        "responses_dropped": dict(sum((source.responses_dropped for source in all_sources), Counter())),
-    }
-    logger.info("Preference data: %s", json.dumps(stats))
-    return PreferenceData(train=train, eval=evaluation, stats=stats)
+    parse_data_split(data_split, phase_index)
+    options = DataOptions(
+        max_seq_len, data_split, phase_index, seed, eval_fraction, column_map, skip_invalid_rows, listwise
+    )
+    eval_data_paths = list(eval_data_paths or [])
+    if cache_dir is not None:
+        data = _cached_data(Path(cache_dir), list(data_paths), eval_data_paths, tokenizer, options)
+    else:
+        phase = read_phase_rows(list(data_paths), eval_data_paths, options)
+        # every rank tokenises everything here: a progress bar on each node's first only
+        progress = os.environ.get("LOCAL_RANK", "0") == "0"
+        data = _data(phase.stats, *_tokenise_shard(phase, tokenizer, max_seq_len, None, progress=progress))
+    logger.info("Preference data: %s", json.dumps(data.stats))
+    return data

@@ -9,6 +9,7 @@ responses to one prompt; listwise.py) -> a tokenised example (tokenize.py): a pa
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,15 +134,15 @@ class PreferenceData:
 
     Attributes:
         train: examples (pairs or groups, see the module docstring), in source order (`training/sampling.py`
-            orders them per epoch).
+            orders them per epoch): an `ExampleStore` (`store.py`) from `load_preference_data`, or a list.
         eval: examples of the same shapes.
         stats: counts: `rows_read` and `train_pairs_per_source` per source, `train_examples`, `eval_examples`,
             `train_pairs` and `eval_pairs` (comparisons), `truncated_rows` and `truncated_responses` per split,
             `skipped_rows` by reason, `ties_skipped`, `skipped_by_rule`.
     """
 
-    train: list[dict]
-    eval: list[dict]
+    train: Sequence[dict]
+    eval: Sequence[dict]
     stats: dict[str, Any]
 
 

@@ -18,18 +18,21 @@ error listing them, never a blend. A hub dataset is listed, then only the chosen
 (`huggingface_hub`).
 
 Each record keeps its origin (`<file> line <n>`, or `row <i>` for `.json` lists, `.parquet` files and
-`save_to_disk` splits), so every later error can name it.
+`save_to_disk` splits), so every later error can name it. JSON-lines files are read a line at a time (never the
+whole text in memory beside its records). `choose_source` resolves a source without reading rows: the
+tokenised-data cache fingerprints the files it names (`cache.py`).
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 import logging
 import os
 import re
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,9 +109,9 @@ def _json_error(error: Exception) -> str:
     return f"not usable JSON ({error})"
 
 
-def _jsonl_records(text: str, name: str) -> list[RawRecord]:
+def _jsonl_records(lines: Iterable[str], name: str) -> list[RawRecord]:
     records = []
-    for number, line in enumerate(text.split("\n"), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         origin = f"{name} line {number}"
@@ -134,7 +137,7 @@ def _json_records(text: str, name: str) -> list[RawRecord]:
             return [RawRecord(f"{name} row 0", json.loads(text))]
         except JSON_ERRORS:
             pass  # JSON lines
-    return _jsonl_records(text, name)
+    return _jsonl_records(text.split("\n"), name)
 
 
 def _read_text(path: Path) -> str:
@@ -152,6 +155,24 @@ def _read_text(path: Path) -> str:
         raise DataError(
             f"{path} line {line}: not UTF-8 text (byte {data[error.start]:#04x}: {error.reason})"
         ) from None
+
+
+def _text_lines(path: Path) -> Iterator[str]:
+    """The lines of a (gzipped) text file, decoded one at a time (as `_read_text`, without the whole text)."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as stream:
+            for number, line in enumerate(stream, start=1):
+                if number == 1:
+                    line = line.removeprefix(codecs.BOM_UTF8)
+                try:
+                    yield line.decode("utf-8").removesuffix("\n")
+                except UnicodeDecodeError as error:
+                    raise DataError(
+                        f"{path} line {number}: not UTF-8 text (byte {line[error.start]:#04x}: {error.reason})"
+                    ) from None
+    except (OSError, EOFError, zlib.error) as error:
+        raise DataError(f"{path}: cannot read ({error})") from None
 
 
 def _parquet_records(path: Path) -> list[RawRecord]:
@@ -172,16 +193,28 @@ def file_records(path: Path) -> list[RawRecord]:
     if kind == "json":
         return _json_records(_read_text(path), str(path))
     if kind == "jsonl":
-        return _jsonl_records(_read_text(path), str(path))
+        return _jsonl_records(_text_lines(path), str(path))
     kinds = ", ".join(f".{kind}" for kind in DATA_FILE_KINDS)
     raise DataError(f"{path}: unsupported file type (use {kinds}, optionally .gz)")
 
 
-def _files_reader(root: Path, layout: SplitLayout) -> Callable[[str, str], list[RawRecord]]:
-    def read(subset: str, split: str) -> list[RawRecord]:
-        return [record for name in layout.subsets[subset][split] for record in file_records(root / name)]
+# How a chosen source reads a split: `(subset, split) -> records`, and which files hold it.
+ReadSplit = Callable[[str, str], list[RawRecord]]
+SplitFiles = Callable[[str, str], list[Path]]
 
-    return read
+
+def _folder_files(folder: Path) -> list[Path]:
+    return sorted(path for path in folder.rglob("*") if path.is_file())
+
+
+def _files_reader(root: Path, layout: SplitLayout) -> tuple[ReadSplit, SplitFiles]:
+    def files(subset: str, split: str) -> list[Path]:
+        return [root / name for name in layout.subsets[subset][split]]
+
+    def read(subset: str, split: str) -> list[RawRecord]:
+        return [record for path in files(subset, split) for record in file_records(path)]
+
+    return read, files
 
 
 def _folder_layout(folder: Path) -> SplitLayout:
@@ -198,7 +231,7 @@ def _is_saved_dataset(folder: Path) -> bool:
     return (folder / DATASET_DICT_FILE).is_file() or (folder / DATASET_STATE_FILE).is_file()
 
 
-def _saved_dataset(folder: Path) -> tuple[SplitLayout, Callable[[str, str], list[RawRecord]]]:
+def _saved_dataset(folder: Path) -> tuple[SplitLayout, ReadSplit, SplitFiles]:
     """A `Dataset`/`DatasetDict.save_to_disk` folder: one split `train`, or the dict's splits."""
     import datasets
 
@@ -206,7 +239,8 @@ def _saved_dataset(folder: Path) -> tuple[SplitLayout, Callable[[str, str], list
         saved = datasets.load_from_disk(str(folder))
     except Exception as error:  # a damaged folder: any of datasets' or pyarrow's errors
         raise DataError(f"{folder}: cannot read this save_to_disk folder ({error})") from None
-    splits = dict(saved) if isinstance(saved, datasets.DatasetDict) else {"train": saved}
+    is_dict = isinstance(saved, datasets.DatasetDict)
+    splits = dict(saved) if is_dict else {"train": saved}
 
     def read(subset: str, split: str) -> list[RawRecord]:
         return [
@@ -214,10 +248,15 @@ def _saved_dataset(folder: Path) -> tuple[SplitLayout, Callable[[str, str], list
             for index, row in enumerate(splits[split].to_list())
         ]
 
-    return SplitLayout(str(folder), {"": {name: [] for name in splits}}), read
+    def files(subset: str, split: str) -> list[Path]:
+        return (
+            [folder / DATASET_DICT_FILE, *_folder_files(folder / split)] if is_dict else _folder_files(folder)
+        )
+
+    return SplitLayout(str(folder), {"": {name: [] for name in splits}}), read, files
 
 
-def _hub_dataset(name: str) -> tuple[SplitLayout, Callable[[str, str], list[RawRecord]]]:
+def _hub_dataset(name: str) -> tuple[SplitLayout, ReadSplit, SplitFiles]:
     """A hub dataset's file list (and dataset card), laid out like a folder; files download when read."""
     import huggingface_hub
 
@@ -235,20 +274,76 @@ def _hub_dataset(name: str) -> tuple[SplitLayout, Callable[[str, str], list[RawR
         ) from None
     layout = discover_splits(name, files, read_card_metadata(Path(card)) if card else None)
 
-    def read(subset: str, split: str) -> list[RawRecord]:
+    def files(subset: str, split: str) -> list[Path]:
         wanted = layout.subsets[subset][split]
         try:
             root = huggingface_hub.snapshot_download(name, repo_type="dataset", allow_patterns=wanted)
         except Exception as error:  # network or disk: one clean message
             raise DataError(f"{name}: downloading {', '.join(wanted)} failed ({error})") from None
-        return [record for file in wanted for record in file_records(Path(root) / file)]
+        return [Path(root) / file for file in wanted]
 
-    return layout, read
+    def read(subset: str, split: str) -> list[RawRecord]:
+        return [record for path in files(subset, split) for record in file_records(path)]
+
+    return layout, read, files
 
 
 def looks_local(location: str) -> bool:
     """A path rather than a hub name: it starts like one or names a data file."""
     return location.startswith((".", "/", "~")) or data_file_kind(location) is not None
+
+
+@dataclass(frozen=True)
+class ChosenSource:
+    """One source resolved to what it reads: a subset, its training and evaluation split (None: not read; a
+    file's one split is ""), and for each the records (`read`) or the files that hold them (`files`)."""
+
+    spec: SourceSpec
+    subset: str
+    train_split: str | None
+    eval_split: str | None
+    read: Callable[[str], list[RawRecord]]
+    files: Callable[[str], list[Path]]
+    description: str = ""
+
+    def files_read(self) -> list[Path]:
+        """The files `load_records` reads for this choice (a hub dataset's are downloaded), in reading order."""
+        splits = (self.train_split, self.eval_split)
+        return [path for split in splits if split is not None for path in self.files(split)]
+
+
+def choose_source(source: str, with_eval: bool = True) -> ChosenSource:
+    """Resolve `LOCATION[:SUBSET][:SPLIT][[start:stop]]` (see the module docstring) without reading any rows.
+
+    Raises:
+        DataError: no such file or folder, a selector on a file, an unknown or ambiguous subset or split, or a
+            hub dataset that cannot be listed.
+    """
+    spec = parse_source(source)
+    path = Path(spec.location).expanduser()
+    if path.is_file():
+        if spec.selectors:
+            raise DataError(f"{source}: {spec.location} is a file; it has no subsets or splits to choose")
+        return ChosenSource(spec, "", "", None, read=lambda _: file_records(path), files=lambda _: [path])
+    if path.is_dir() and _is_saved_dataset(path):
+        layout, read, files = _saved_dataset(path)
+    elif path.is_dir():
+        layout = _folder_layout(path)
+        read, files = _files_reader(path, layout)
+    elif looks_local(spec.location):
+        raise DataError(f"{spec.location}: no such file or folder")
+    else:
+        layout, read, files = _hub_dataset(spec.location)
+    subset, train_split, eval_split = choose_splits(source, layout, spec.selectors, with_eval)
+    return ChosenSource(
+        spec,
+        subset,
+        train_split,
+        eval_split,
+        read=lambda split: read(subset, split),
+        files=lambda split: files(subset, split),
+        description=describe_choice(layout, subset, train_split, eval_split),
+    )
 
 
 def load_records(source: str, with_eval: bool = True) -> tuple[list[RawRecord], list[RawRecord] | None]:
@@ -262,27 +357,10 @@ def load_records(source: str, with_eval: bool = True) -> tuple[list[RawRecord], 
         (records of the training split, sliced by the row range; records of the evaluation split, or None when
         the source has none or `with_eval` is False).
     """
-    spec = parse_source(source)
-    path = Path(spec.location).expanduser()
-    if path.is_file():
-        if spec.selectors:
-            raise DataError(f"{source}: {spec.location} is a file; it has no subsets or splits to choose")
-        records = file_records(path)
-        return records[spec.row_range] if spec.row_range else records, None
-    if path.is_dir() and _is_saved_dataset(path):
-        layout, read = _saved_dataset(path)
-    elif path.is_dir():
-        layout = _folder_layout(path)
-        read = _files_reader(path, layout)
-    elif looks_local(spec.location):
-        raise DataError(f"{spec.location}: no such file or folder")
-    else:
-        layout, read = _hub_dataset(spec.location)
-    subset, train_split, eval_split = choose_splits(source, layout, spec.selectors, with_eval)
-    description = describe_choice(layout, subset, train_split, eval_split)
-    if description:
-        logger.info("%s: %s", source, description)
-    train = read(subset, train_split) if train_split is not None else []
-    if spec.row_range:
-        train = train[spec.row_range]
-    return train, read(subset, eval_split) if eval_split is not None else None
+    chosen = choose_source(source, with_eval)
+    if chosen.description:
+        logger.info("%s: %s", source, chosen.description)
+    train = chosen.read(chosen.train_split) if chosen.train_split is not None else []
+    if chosen.spec.row_range:
+        train = train[chosen.spec.row_range]
+    return train, chosen.read(chosen.eval_split) if chosen.eval_split is not None else None

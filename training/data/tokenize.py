@@ -13,7 +13,7 @@ counted.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
@@ -125,21 +125,14 @@ def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> No
         raise DataError(f"max_seq_len must be at least 3 (BOS, one response token, EOS), got {max_seq_len}")
 
 
-def tokenize_rows(
+# Rows per tokenizer call when tokenising a whole data set: large enough for the fast tokenizers' batch
+# encoding to amortise its call, small enough that a chunk's texts and Python token lists stay a few MB.
+CHUNK_ROWS = 1024
+
+
+def _tokenize_chunk(
     tokenizer: PreTrainedTokenizerBase, rows: Sequence[PreferenceRow | RankedRow], max_seq_len: int
 ) -> tuple[list[dict], Counter[str]]:
-    """Tokenise rows (one batched tokenizer call); the one function for training and evaluation.
-
-    Returns:
-        examples: for a `PreferenceRow` a pair `{"prompt_ids", "chosen_ids", "rejected_ids", "margin"}`, for a
-        `RankedRow` a group `{"prompt_ids", "response_ids", "scores", "comparisons"}`, each with
-        `len(prompt_ids) + longest response <= max_seq_len`; and counts `{"truncated_rows": n,
-        "truncated_responses": n, "prompts_cut_to_first_token": n}` (the last: prompts of two or more tokens that
-        kept at most one).
-    """
-    _check_tokenizer(tokenizer, max_seq_len)
-    if not rows:
-        return [], Counter()
     responses_of = [
         row.responses if isinstance(row, RankedRow) else [row.chosen, row.rejected] for row in rows
     ]
@@ -180,6 +173,40 @@ def tokenize_rows(
                 "margin": row.margin,
             }
         examples.append(example)
+    return examples, counts
+
+
+def tokenize_chunks(
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[PreferenceRow | RankedRow],
+    max_seq_len: int,
+    chunk_rows: int = CHUNK_ROWS,
+) -> Iterator[tuple[list[dict], Counter[str]]]:
+    """`tokenize_rows`, `chunk_rows` rows per tokenizer call: (examples, counts) of each chunk in row order.
+
+    What builds an `ExampleStore` (`store.py`) in bounded memory: only one chunk's token ids exist as Python lists.
+    """
+    _check_tokenizer(tokenizer, max_seq_len)
+    for start in range(0, len(rows), chunk_rows):
+        yield _tokenize_chunk(tokenizer, rows[start : start + chunk_rows], max_seq_len)
+
+
+def tokenize_rows(
+    tokenizer: PreTrainedTokenizerBase, rows: Sequence[PreferenceRow | RankedRow], max_seq_len: int
+) -> tuple[list[dict], Counter[str]]:
+    """Tokenise rows (batched tokenizer calls); the one function for training and evaluation.
+
+    Returns:
+        examples: for a `PreferenceRow` a pair `{"prompt_ids", "chosen_ids", "rejected_ids", "margin"}`, for a
+        `RankedRow` a group `{"prompt_ids", "response_ids", "scores", "comparisons"}` (+ `"margins"` when the
+        row has them), each with `len(prompt_ids) + longest response <= max_seq_len`; and counts
+        `{"truncated_rows": n, "truncated_responses": n, "prompts_cut_to_first_token": n}` (the last: prompts of
+        two or more tokens that kept at most one).
+    """
+    examples, counts = [], Counter(truncated_rows=0, truncated_responses=0, prompts_cut_to_first_token=0)
+    for chunk, chunk_counts in tokenize_chunks(tokenizer, rows, max_seq_len):
+        examples += chunk
+        counts.update(chunk_counts)
     return examples, counts
 
 
