@@ -35,9 +35,9 @@ MAX_SHARE_OF_PROMPTS_CUT_TO_FIRST_TOKEN = 0.05
 
 def preflight(config: TrainConfig, model_path: str) -> None:
     """Check what would otherwise fail after data and model have loaded (see the module docstring)."""
-    check_output_dir(config.output_dir)
-    check_existing_checkpoints(config)
     check_model_path(config, model_path)
+    check_existing_checkpoints(config)
+    check_output_dir(config.output_dir)  # last: it creates the folder, which a refused run should not leave
 
 
 def check_output_dir(output_dir: str) -> None:
