@@ -99,7 +99,10 @@ def uninterrupted(setup, tmp_path_factory):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("seed", [0, 1, 2])
+# One random step in the default suite; two more (other steps, other ranks) with the slow tests.
+@pytest.mark.parametrize(
+    "seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)]
+)
 def test_sigkill_then_resume_equals_uninterrupted_run(setup, uninterrupted, tmp_path, seed):
     model, data = setup
     reference_records, reference_weights = uninterrupted

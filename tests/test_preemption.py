@@ -104,7 +104,10 @@ def worker_pids(launcher_pid: int) -> list[int]:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("seed", [0, 1, 2])
+# One random step in the default suite; two more (other steps, other ranks) with the slow tests.
+@pytest.mark.parametrize(
+    "seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)]
+)
 def test_sigterm_at_a_random_step_saves_and_resume_equals_uninterrupted_run(
     setup, uninterrupted, tmp_path, seed
 ):
