@@ -241,7 +241,12 @@ def test_one_rank_skips_gradient_reduction_without_changing_training(tiny_setup,
     script = os.path.join(os.path.dirname(__file__), "scripts", "one_rank_reduction.py")
     flags = [*train_command(model, data, "unused", "--dtype", dtype, "--gradient_accumulation_steps", "2")]
     flags = flags[flags.index("--model_name_or_path") :]
-    flags = [*flags[: flags.index("--output_dir")], *flags[flags.index("--output_dir") + 2 :], "--max_steps", "6"]
+    flags = [
+        *flags[: flags.index("--output_dir")],
+        *flags[flags.index("--output_dir") + 2 :],
+        "--max_steps",
+        "6",
+    ]
     runs = {}
     for mode in ("skip", "reduce"):
         output = str(tmp_path / mode)
