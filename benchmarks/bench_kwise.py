@@ -252,7 +252,12 @@ def experiment(args: argparse.Namespace) -> dict:
             "python -m training.train_rm " + " ".join(flags) + f" --output_dir {work / variant}"
         )
         print(commands[variant], flush=True)
-        runs[variant] = run_train_rm(args, flags, work / variant, work / f"{variant}.log")
+        done = work / f"{variant}.json"
+        if done.exists():  # finished by an earlier, interrupted invocation with this --work_dir
+            runs[variant] = json.loads(done.read_text())
+        else:
+            runs[variant] = run_train_rm(args, flags, work / variant, work / f"{variant}.log")
+            done.write_text(json.dumps(runs[variant]))
         print(variant, runs[variant]["eval"], flush=True)
     table = []
     for variant, run in runs.items():
