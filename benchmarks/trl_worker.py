@@ -6,8 +6,10 @@ Imports nothing from this project (its venv has its own transformers). JOB.json 
 the model folder, the pre-tokenised pairs (the project's token ids, so TRL trains on exactly the same
 sequences) and the settings; the per-step seconds go to `result_path`. The pairs reach TRL as its documented
 pre-tokenised columns (`input_ids_chosen`, `attention_mask_chosen`, `input_ids_rejected`,
-`attention_mask_rejected`), which `RewardTrainer` trains on without re-tokenising; its own collator pads chosen
-and rejected separately to their batch maximum, and it runs two forward passes per step.
+`attention_mask_rejected`; TRL >= 1: `chosen_ids`, `rejected_ids`), which `RewardTrainer` trains on without
+re-tokenising. TRL 0.x pads chosen and rejected separately and runs two forward passes per step; TRL 1.x pads
+both to one batch maximum and runs one forward. Under `torchrun` (benchmarks/bench_e2e.py's 2-process rows) the
+Trainer runs DDP over gloo and rank 0 writes the result.
 
 Modes: `trl` = matched settings (AdamW, the job's precision, pairs per step, threads, no gradient
 checkpointing); `trl-defaults` = `RewardConfig` defaults for precision (bf16 autocast) with gradient
@@ -18,12 +20,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import trl
 from datasets import Dataset
 from torch.utils.data import SequentialSampler
 from transformers import (
@@ -103,11 +107,15 @@ def main(job_path: str) -> None:
     if job["vocab_size"] != 8 * math.ceil(len(tokenizer) / 8):
         raise RuntimeError(f"vocabulary {len(tokenizer)} does not pad to the project's {job['vocab_size']}")
 
+    trl_1 = int(trl.__version__.split(".")[0]) >= 1
     rows = []
     for line in Path(job["pairs_path"]).read_text().splitlines():
         pair = json.loads(line)
         chosen = pair["prompt_ids"] + pair["chosen_ids"]
         rejected = pair["prompt_ids"] + pair["rejected_ids"]
+        if trl_1:  # TRL 1.x: the processed columns; masks come from its collator
+            rows.append({"chosen_ids": chosen, "rejected_ids": rejected})
+            continue
         rows.append(
             {
                 "input_ids_chosen": chosen,
@@ -125,7 +133,7 @@ def main(job_path: str) -> None:
     with tempfile.TemporaryDirectory(prefix="rewardspeed-trl-") as output_dir:
         args = RewardConfig(
             output_dir=output_dir,
-            per_device_train_batch_size=job["pairs_per_step"],
+            per_device_train_batch_size=job.get("per_device_pairs", job["pairs_per_step"]),
             gradient_accumulation_steps=1,
             max_steps=job["warmup"] + job["steps"],
             learning_rate=job["learning_rate"],
@@ -153,6 +161,8 @@ def main(job_path: str) -> None:
                 "RewardTrainer dropped pairs (max_length filter): the step contents would differ"
             )
         trainer.train()
+    if os.environ.get("RANK", "0") != "0":
+        return
     Path(job["result_path"]).write_text(
         json.dumps(
             {
@@ -161,6 +171,8 @@ def main(job_path: str) -> None:
                 "attn_implementation": model.config._attn_implementation,
                 "bf16": args.bf16,
                 "gradient_checkpointing": args.gradient_checkpointing,
+                "trl": trl.__version__,
+                "world_size": int(os.environ.get("WORLD_SIZE", "1")),
             }
         )
     )

@@ -233,3 +233,34 @@ def test_packing_on_where_not_exact_is_refused(tmp_path):
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--packing on:" in result.stderr and "bloom" in result.stderr.lower()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_one_rank_skips_gradient_reduction_without_changing_training(tiny_setup, tmp_path, dtype):
+    """One rank, ZeRO-0: the trainer's backwards run in `engine.no_sync()` (no all-reduce over one rank); the
+    losses and the saved weights equal a run that all-reduces every backward, with gradient accumulation 2 (the
+    bf16 optimizer's fp32 accumulation and DeepSpeed's micro-step counting must still work)."""
+    model, data = tiny_setup
+    script = os.path.join(os.path.dirname(__file__), "scripts", "one_rank_reduction.py")
+    flags = [*train_command(model, data, "unused", "--dtype", dtype, "--gradient_accumulation_steps", "2")]
+    flags = flags[flags.index("--model_name_or_path") :]
+    flags = [
+        *flags[: flags.index("--output_dir")],
+        *flags[flags.index("--output_dir") + 2 :],
+        "--max_steps",
+        "6",
+    ]
+    runs = {}
+    for mode in ("skip", "reduce"):
+        output = str(tmp_path / mode)
+        extra = ["--reduce"] if mode == "reduce" else ["--skip"]
+        run_command([sys.executable, script, output, *extra, "--", *flags])
+        with open(os.path.join(output, "run.json"), encoding="utf-8") as file:
+            runs[mode] = json.load(file)
+        runs[mode]["weights"] = load_file(os.path.join(output, "model.safetensors"))
+    assert runs["skip"]["no_sync_backwards"] == 6 * 2  # every micro-batch's backward skipped the reduction
+    assert len(runs["skip"]["losses"]) == 6
+    assert runs["skip"]["losses"] == runs["reduce"]["losses"]
+    assert runs["skip"]["weights"].keys() == runs["reduce"]["weights"].keys()
+    for name, tensor in runs["skip"]["weights"].items():
+        assert torch.equal(tensor, runs["reduce"]["weights"][name]), name

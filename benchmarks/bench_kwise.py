@@ -1,0 +1,330 @@
+"""Issue 14's measurements on alpaca-eval-multi: K-wise throughput, and K-wise vs binarized vs expanded pairs.
+
+    python benchmarks/alpaca_multi_variants.py --out_dir /tmp/kwise-data           # the data variants first
+    python benchmarks/bench_kwise.py throughput --data_dir /tmp/kwise-data --rounds 2
+    python benchmarks/bench_kwise.py experiment --data_dir /tmp/kwise-data --kwise_steps 40
+
+`throughput`: comparisons per second of `python -m training.train_rm` (end to end; `elapsed_s` of optimizer steps
+`--timed_from`+1 .. `--max_steps`) on the K-wise rows (`--listwise_loss pairs` and `plackett_luce`, one prompt's
+group per step), on the expanded pairs (`--pairwise_pairs` pairs per step: as many responses per micro-batch as a
+full group of 12) and TRL's `RewardTrainer` (benchmarks/trl_worker.py, TRL venv) on the same expanded pairs in
+the project's order. Comparisons of a K-wise step = the gap-filtered pairs of its group (counted from the
+project's own tokenised data and sampler order). Peak RSS is each process's `ru_maxrss`; tokens per micro-batch
+are reported beside it.
+
+`experiment`: trains SmolLM2-135M on the 705 training prompts in four ways and evaluates every run on the 100
+held-out prompts (K-wise rows: accuracy over gap-filtered comparisons, top-1, Kendall tau): K-wise with both
+losses for `--kwise_steps` steps; binarized and expanded pairs with an evaluation at the same step and at the
+end of `--pairwise_steps` steps (default: as many as fit the K-wise run's training time, from its measured
+step time), constant learning rate so an intermediate evaluation is comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+
+import bench_e2e  # noqa: E402
+import bench_rm  # noqa: E402
+
+
+def common_flags(args: argparse.Namespace) -> list[str]:
+    return [
+        "--max_seq_len", str(args.max_seq_len), "--dtype", args.dtype, "--min_score_gap", str(args.min_score_gap),
+        "--learning_rate", str(args.learning_rate), "--lr_scheduler_type", "constant", "--overwrite_output_dir",
+        "--allow_prompt_truncation", "--skip_invalid_rows", "--per_device_eval_batch_size", "4",
+    ]  # fmt: skip
+
+
+def variant_flags(args: argparse.Namespace, variant: str) -> list[str]:
+    data = Path(args.data_dir)
+    if variant.startswith("kwise"):
+        loss = "plackett_luce" if variant == "kwise-pl" else "pairs"
+        return [
+            "--data_path", str(data / "train_kwise.jsonl"), "--listwise_loss", loss,
+            "--per_device_train_batch_size", "1",
+        ]  # fmt: skip
+    return [
+        "--data_path", str(data / f"train_{variant}.jsonl"),
+        "--per_device_train_batch_size", str(args.pairwise_pairs),
+    ]  # fmt: skip
+
+
+def run_train_rm(args: argparse.Namespace, flags: list[str], output: Path, log: Path) -> dict:
+    env = bench_rm.worker_env(args.threads, "PASSIVE")
+    env.update(DS_ACCELERATOR="cpu")
+    load = os.getloadavg()[0]
+    command = [sys.executable, "-m", "training.train_rm", *flags, "--output_dir", str(output)]
+    code, peak_rss_mib, wall = bench_rm.run_subprocess(command, env, args.timeout, log)
+    for weights in output.glob("*.safetensors"):
+        weights.unlink()
+    if code != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {code}:\n{log.read_text()[-3000:]}")
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "train": [r for r in records if "loss" in r],
+        "eval": [r for r in records if "eval_accuracy" in r],
+        "peak_rss_mib": round(peak_rss_mib, 1),
+        "wall_s": round(wall, 1),
+        "load_before": load,
+    }
+
+
+def step_contents(args: argparse.Namespace, flags: list[str], steps: int) -> dict:
+    """Comparisons and tokens (responses with their prompt, as the project computes them) of each of the first
+    `steps` optimizer steps of a run with `flags`, from the project's tokenisation and sampler order."""
+    from model_utils import load_tokenizer
+    from model_utils.default_model import default_model_path
+    from training.arguments import parse_args
+    from training.data.records import example_responses, num_comparisons
+    from training.sampling import epoch_order
+    from training.train_rm import load_data
+
+    config = parse_args([*flags, "--output_dir", "/tmp/unused-bench-kwise"])
+    data = load_data(config, load_tokenizer(default_model_path()))
+    per_step = config.per_device_train_batch_size
+    order = epoch_order(len(data.train), 0, config.seed, per_step)[: steps * per_step]
+    examples = [data.train[index] for index in order]
+    steps_of = [examples[i : i + per_step] for i in range(0, len(examples), per_step)]
+
+    def tokens(example: dict) -> int:
+        prompt, responses = example_responses(example)
+        return len(prompt) + sum(len(response) for response in responses)  # the prompt once (shared)
+
+    return {
+        "comparisons": [sum(num_comparisons(example) for example in step) for step in steps_of],
+        "responses": [sum(len(example_responses(example)[1]) for example in step) for step in steps_of],
+        "tokens": [sum(tokens(example) for example in step) for step in steps_of],
+        "examples": examples,
+        "data": data,
+    }
+
+
+def throughput(args: argparse.Namespace) -> dict:
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    eval_flags = ["--eval_data_path", str(Path(args.data_dir) / "eval_kwise.jsonl[:2]")]
+    flags = {
+        name: [
+            *variant_flags(args, variant),
+            *common_flags(args),
+            *eval_flags,
+            "--max_steps",
+            str(args.max_steps),
+        ]
+        for name, variant in (("kwise", "kwise"), ("kwise-pl", "kwise-pl"), ("pairwise", "expanded"))
+    }
+    contents = {name: step_contents(args, flags[name], args.max_steps) for name in flags}
+    trl_pairs = work / "expanded.pairs.jsonl"
+    trl_pairs.write_text("".join(json.dumps(pair) + "\n" for pair in contents["pairwise"]["examples"]))
+    from model_utils import load_tokenizer, padded_vocab_size
+    from model_utils.default_model import default_model_path
+
+    model_path = default_model_path()
+    tokenizer = load_tokenizer(model_path)
+    trl_python, versions = bench_rm.find_trl_python(args.trl_python)
+    names = [*flags, "trl"]
+    rounds = []
+    for round_index in range(1, args.rounds + 1):
+        shift = (round_index - 1) % len(names)
+        results = {}
+        for name in names[shift:] + names[:shift]:
+            tag = f"r{round_index}-{name}"
+            if name == "trl":
+                job = {
+                    "mode": "trl", "dtype": args.dtype, "pairs_path": str(trl_pairs), "model_path": model_path,
+                    "pad_token_id": tokenizer.pad_token_id, "vocab_size": padded_vocab_size(tokenizer),
+                    "pad_token": tokenizer.pad_token, "threads": args.threads, "warmup": 0,
+                    "steps": args.max_steps, "pairs_per_step": args.pairwise_pairs,
+                    "max_seq_len": args.max_seq_len, "learning_rate": args.learning_rate,
+                    "result_path": str(work / f"{tag}.trl.json"),
+                }  # fmt: skip
+                (work / f"{tag}.job.json").write_text(json.dumps(job))
+                load = os.getloadavg()[0]
+                code, rss, wall = bench_rm.run_subprocess(
+                    [trl_python, str(bench_rm.TRL_WORKER), str(work / f"{tag}.job.json")],
+                    bench_rm.worker_env(args.threads, "PASSIVE"),
+                    args.timeout,
+                    work / f"{tag}.log",
+                )
+                if code != 0:
+                    raise RuntimeError(f"TRL exited {code}:\n{(work / f'{tag}.log').read_text()[-3000:]}")
+                seconds = json.loads((work / f"{tag}.trl.json").read_text())["step_seconds"]
+                timed_s = sum(seconds[args.timed_from : args.max_steps])
+                content = contents["pairwise"]
+                result = {"peak_rss_mib": round(rss, 1), "wall_s": round(wall, 1), "load_before": load}
+            else:
+                result = run_train_rm(args, flags[name], work / tag, work / f"{tag}.log")
+                elapsed = {r["step"]: r["elapsed_s"] for r in result.pop("train")}
+                result.pop("eval")
+                timed_s = elapsed[args.max_steps] - elapsed[args.timed_from]
+                content = contents[name]
+            timed = slice(args.timed_from, args.max_steps)
+            result.update(
+                timed_s=round(timed_s, 2),
+                comparisons_per_s=sum(content["comparisons"][timed]) / timed_s,
+                tokens_per_s=sum(content["tokens"][timed]) / timed_s,
+            )
+            results[name] = result
+            print(f"round {round_index} {name}: {result}", flush=True)
+        rounds.append({"peak": bench_e2e.measure_peak(args, work, round_index), "results": results})
+    summary = {}
+    for name in names:
+        summary[name] = {
+            "comparisons_per_s": [round(r["results"][name]["comparisons_per_s"], 2) for r in rounds],
+            "peak_rss_mib": max(r["results"][name]["peak_rss_mib"] for r in rounds),
+        }
+        if name != "pairwise":
+            ratios = [
+                r["results"][name]["comparisons_per_s"] / r["results"]["pairwise"]["comparisons_per_s"]
+                for r in rounds
+            ]
+            summary[name]["vs_pairwise_median"] = round(statistics.median(ratios), 2)
+        if name.startswith("kwise"):
+            ratios = [
+                r["results"][name]["comparisons_per_s"] / r["results"]["trl"]["comparisons_per_s"]
+                for r in rounds
+            ]
+            summary[name]["vs_trl_median"] = round(statistics.median(ratios), 2)
+    timed = slice(args.timed_from, args.max_steps)
+    per_step = {
+        name: {
+            "mean_comparisons": statistics.mean(contents[name]["comparisons"][timed]),
+            "mean_responses": statistics.mean(contents[name]["responses"][timed]),
+            "mean_tokens": statistics.mean(contents[name]["tokens"][timed]),
+            "max_tokens": max(contents[name]["tokens"][timed]),
+        }
+        for name in flags
+    }
+    return {"trl_versions": versions, "per_step": per_step, "summary": summary, "rounds": rounds}
+
+
+def experiment(args: argparse.Namespace) -> dict:
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    eval_flags = ["--eval_data_path", str(Path(args.data_dir) / f"eval_kwise.jsonl[:{args.eval_rows}]")]
+    runs, commands = {}, {}
+    for variant in ("kwise", "kwise-pl", "binarized", "expanded"):
+        kwise = variant.startswith("kwise")
+        steps = args.kwise_steps
+        if not kwise:
+            measured = [runs[name]["train"] for name in ("kwise", "kwise-pl")]
+            step_s = statistics.mean(train[-1]["elapsed_s"] / train[-1]["step"] for train in measured)
+            steps = args.pairwise_steps or 0
+            extra = ["--eval_interval", str(args.kwise_steps)]
+        else:
+            extra = []
+        if not kwise and not steps:
+            # equal training time: the K-wise runs' mean seconds per step times their steps, over this variant's
+            # own step time measured in a short probe run (its first 3 steps cost what the rest do)
+            probe = run_train_rm(
+                args,
+                [
+                    *variant_flags(args, variant),
+                    *common_flags(args),
+                    "--eval_data_path",
+                    str(Path(args.data_dir) / "eval_kwise.jsonl[:2]"),
+                    "--max_steps",
+                    "4",
+                ],  # fmt: skip
+                work / f"probe-{variant}",
+                work / f"probe-{variant}.log",
+            )
+            own = (probe["train"][-1]["elapsed_s"] - probe["train"][0]["elapsed_s"]) / 3
+            steps = max(args.kwise_steps, round(step_s * args.kwise_steps / own))
+        flags = [
+            *variant_flags(args, variant),
+            *common_flags(args),
+            *eval_flags,
+            "--max_steps",
+            str(steps),
+            *extra,
+        ]
+        commands[variant] = (
+            "python -m training.train_rm " + " ".join(flags) + f" --output_dir {work / variant}"
+        )
+        print(commands[variant], flush=True)
+        done = work / f"{variant}.json"
+        if done.exists():  # finished by an earlier, interrupted invocation with this --work_dir
+            runs[variant] = json.loads(done.read_text())
+        else:
+            runs[variant] = run_train_rm(args, flags, work / variant, work / f"{variant}.log")
+            done.write_text(json.dumps(runs[variant]))
+        print(variant, runs[variant]["eval"], flush=True)
+    table = []
+    for variant, run in runs.items():
+        train = run["train"]
+        for record in run["eval"]:
+            table.append(
+                {
+                    "variant": variant,
+                    "step": record["step"],
+                    "train_s": next(r["elapsed_s"] for r in train if r["step"] == record["step"]),
+                    "examples_seen": next(r["pairs_seen"] for r in train if r["step"] == record["step"]),
+                    **{
+                        key: record[f"eval_{key}"]
+                        for key in ("accuracy", "num_pairs", "top1_accuracy", "kendall_tau")
+                    },
+                }
+            )
+    return {
+        "commands": commands,
+        "table": table,
+        "runs": {k: {**v, "train": v["train"][-1:]} for k, v in runs.items()},
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("what", choices=["throughput", "experiment"])
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--work_dir", default=None)
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--output_dir", default=str(bench_rm.RESULTS_DIR))
+    parser.add_argument("--max_seq_len", type=int, default=256)
+    parser.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--min_score_gap", type=float, default=0.1)
+    parser.add_argument("--learning_rate", type=float, default=2e-5)
+    parser.add_argument("--pairwise_pairs", type=int, default=6, help="Pairs per step of the pairwise runs.")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--max_steps", type=int, default=8)
+    parser.add_argument("--timed_from", type=int, default=2)
+    parser.add_argument("--kwise_steps", type=int, default=40)
+    parser.add_argument("--eval_rows", type=int, default=100, help="Held-out prompts evaluated (all 100).")
+    parser.add_argument("--pairwise_steps", type=int, default=0, help="0: equal training time (see above).")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--omp_wait_policy", default="PASSIVE")
+    parser.add_argument("--matmul_size", type=int, default=2048)
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--trl_python", default=str(bench_rm.VENV_ROOT / "trl116" / "bin" / "python"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.name = args.name or f"kwise-{args.what}"
+    args.work_dir = args.work_dir or f"/tmp/rewardspeed-{args.name}"
+    report = throughput(args) if args.what == "throughput" else experiment(args)
+    report = {
+        "command": "python benchmarks/bench_kwise.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "args": vars(args),
+        **report,
+    }
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k in ("summary", "per_step", "table")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
