@@ -27,13 +27,11 @@ from training.data.rows import DataOptions, PhaseRows, read_phase_rows
 from training.data.sources import choose_source
 from training.data.splits import DEFAULT_DATA_SPLIT, REWARD_PHASE, parse_data_split
 from training.data.store import ExampleStore, IncompletePart, open_part, write_part
-from training.data.tokenize import tokenize_chunks
+from training.data.tokenize import TRUNCATION_COUNTS, tokenize_chunks
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "eval")
-# What tokenisation counts per split (`tokenize.tokenize_rows`), reported in the statistics.
-COUNTS = ("truncated_rows", "truncated_responses", "prompts_cut_to_first_token")
 
 
 def _data(
@@ -46,7 +44,7 @@ def _data(
         "train_pairs_per_source": read.pop("train_pairs_per_source"),
         **{f"{split}_examples": len(stores[split]) for split in SPLITS},
         **{f"{split}_pairs": stores[split].num_comparisons for split in SPLITS},
-        **{name: {split: counts[split][name] for split in SPLITS} for name in COUNTS},
+        **{name: {split: counts[split][name] for split in SPLITS} for name in TRUNCATION_COUNTS},
         **read,
     }
     return PreferenceData(train=stores["train"], eval=stores["eval"], stats=stats)
@@ -85,7 +83,7 @@ def _tokenise_shard(
     ) as progress:
         for split, rows in (("train", phase.train), ("eval", phase.eval)):
             start, stop = bounds[split]
-            counts[split] = Counter(dict.fromkeys(COUNTS, 0))
+            counts[split] = Counter(dict.fromkeys(TRUNCATION_COUNTS, 0))
             chunks = tokenize_chunks(tokenizer, rows[start:stop], max_seq_len)
             part = write_part(
                 folder / f"{split}-{shard}" if folder else None,

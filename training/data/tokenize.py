@@ -125,6 +125,9 @@ def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> No
         raise DataError(f"max_seq_len must be at least 3 (BOS, one response token, EOS), got {max_seq_len}")
 
 
+# What tokenisation counts per data set (reported in the data statistics, per split).
+TRUNCATION_COUNTS = ("truncated_rows", "truncated_responses", "prompts_cut_to_first_token")
+
 # Rows per tokenizer call when tokenising a whole data set: large enough for the fast tokenizers' batch
 # encoding to amortise its call, small enough that a chunk's texts and Python token lists stay a few MB.
 CHUNK_ROWS = 1024
@@ -143,7 +146,7 @@ def _tokenize_chunk(
     ]
     encoded = iter(tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"])
     bos_token_id, eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    examples, counts = [], Counter(truncated_rows=0, truncated_responses=0, prompts_cut_to_first_token=0)
+    examples, counts = [], Counter(dict.fromkeys(TRUNCATION_COUNTS, 0))
     for row, responses in zip(rows, responses_of, strict=True):
         full = [finish_sequence(next(encoded), bos_token_id, eos_token_id) for _ in responses]
         prompt_ids, response_ids = split_shared_prefix(full)
@@ -203,7 +206,7 @@ def tokenize_rows(
         `{"truncated_rows": n, "truncated_responses": n, "prompts_cut_to_first_token": n}` (the last: prompts of
         two or more tokens that kept at most one).
     """
-    examples, counts = [], Counter(truncated_rows=0, truncated_responses=0, prompts_cut_to_first_token=0)
+    examples, counts = [], Counter(dict.fromkeys(TRUNCATION_COUNTS, 0))
     for chunk, chunk_counts in tokenize_chunks(tokenizer, rows, max_seq_len):
         examples += chunk
         counts.update(chunk_counts)
