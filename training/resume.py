@@ -294,9 +294,7 @@ def load_resized(engine, checkpoint: Checkpoint) -> None:
         for key in ADAM_MOMENTS:
             safe_set_full_optimizer_state(parameter, read_tensor(parameter_dir, key, shape), key)
     copy_masters_into_module(engine)
-    if (
-        stage == 3
-    ):  # as DeepSpeed's own loader ends: the persistent (always gathered) parameters from the new values
+    if stage == 3:  # as DeepSpeed's loader ends: persistent (always gathered) params from the new values
         engine.optimizer.checkpoint_event_epilogue()
 
     first = states[0]
