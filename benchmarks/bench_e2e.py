@@ -2,6 +2,7 @@
 
     python benchmarks/bench_e2e.py                                   # 1 process, fp32 + bf16, 3 rounds
     python benchmarks/bench_e2e.py --name e2e-more --rounds 1 --rows zero2 zero3 qwen3 gemma2 --dtypes bf16
+    python benchmarks/bench_e2e.py --name e2e-families --rows smollm2 qwen3:bf16 mistral:bf16 phi3:bf16 olmo2:bf16
     python benchmarks/bench_e2e.py --name smoke --rounds 1 --max_steps 3 --timed_from 1 --max_seq_len 64
 
 Every configuration is a whole program in its own subprocess: the project's `train_rm` (DeepSpeed engine, the
@@ -14,8 +15,9 @@ steps: TRL is given the project's token ids in the order the project's sampler t
 the final evaluation and saving are outside it (their wall time is recorded too).
 
 Rows (`--rows`): `smollm2` (the packaged SmolLM2-135M, 1 process), `zero2` and `zero3` (SmolLM2-135M, 2
-processes of `--threads`/2 threads each, 2 pairs per process), `qwen3` and `gemma2` (random weights at
-SmolLM2-135M's size: 30 layers, hidden 576, 9 heads of 64, 3 KV heads, SmolLM2's tokenizer). Rounds run every
+processes of `--threads`/2 threads each, 2 pairs per process), `qwen3`, `gemma2`, `mistral`, `phi3`, `olmo2`
+(random weights at SmolLM2-135M's size: 30 layers, hidden 576, 9 heads of 64, 3 KV heads, SmolLM2's tokenizer;
+the released models' sliding windows). `ROW:DTYPE` runs a row in that dtype only. Rounds run every
 configuration once (the order rotates); the report gives medians of per-round ratios, the matmul peaks
 (`bench_rm.run_matmul_peak`) and the 1-minute load average before each run.
 """
@@ -49,6 +51,9 @@ ROWS = {  # name: (backbone, processes, ZeRO stage)
     "zero3": ("smollm2", 2, 3),
     "qwen3": ("qwen3", 1, 0),
     "gemma2": ("gemma2", 1, 0),
+    "mistral": ("mistral", 1, 0),
+    "phi3": ("phi3", 1, 0),
+    "olmo2": ("olmo2", 1, 0),
 }
 # SmolLM2-135M's shape, for the random-weight backbones of other families.
 SMOLLM2_SHAPE = {
@@ -62,7 +67,15 @@ SMOLLM2_SHAPE = {
     "attention_dropout": 0.0,
     "tie_word_embeddings": True,
 }
-RANDOM_SETTINGS = {"qwen3": {}, "gemma2": {"query_pre_attn_scalar": 64}}
+# The released models' windows (Mistral-7B-v0.1 4096, Phi-3-mini 2047): wider than any packed sequence here, which
+# the start-up checks must see (a narrower one would send the run to the plain layout).
+RANDOM_SETTINGS = {
+    "qwen3": {},
+    "gemma2": {"query_pre_attn_scalar": 64},
+    "mistral": {"sliding_window": 4096},
+    "phi3": {"sliding_window": 2047},
+    "olmo2": {},
+}
 
 
 def random_backbone(model_type: str, folder: Path, tokenizer_path: str) -> str:
@@ -97,6 +110,7 @@ def train_rm_flags(args: argparse.Namespace, model_path: str, dtype: str, proces
         "--skip_invalid_rows", "--per_device_train_batch_size", str(args.pairs_per_step // processes),
         "--max_seq_len", str(args.max_seq_len), "--dtype", dtype, "--max_steps", str(args.max_steps),
         "--zero_stage", str(stage), "--learning_rate", "1e-5", "--overwrite_output_dir",
+        "--allow_prompt_truncation",  # the smoke's short --max_seq_len; TRL trains the same token ids
     ]  # fmt: skip
 
 
@@ -111,7 +125,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict:
 
     smollm2 = default_model_path()
     models = {"smollm2": smollm2}
-    for row in args.rows:
+    for row in row_dtypes(args):
         backbone = ROWS[row][0]
         if backbone != "smollm2":
             models[backbone] = random_backbone(backbone, work / f"model-{backbone}", smollm2)
@@ -133,10 +147,20 @@ def prepare(args: argparse.Namespace, work: Path) -> dict:
     }
 
 
+def row_dtypes(args: argparse.Namespace) -> dict[str, list[str]]:
+    """`--rows` entries `ROW` (every `--dtypes`) or `ROW:DTYPE` (that one), in order."""
+    rows: dict[str, list[str]] = {}
+    for entry in args.rows:
+        row, _, dtype = entry.partition(":")
+        rows.setdefault(row, [])
+        rows[row] += [d for d in ([dtype] if dtype else args.dtypes) if d not in rows[row]]
+    return rows
+
+
 def configurations(args: argparse.Namespace) -> list[dict]:
     configs = []
-    for row in args.rows:
-        for dtype in args.dtypes:
+    for row, dtypes in row_dtypes(args).items():
+        for dtype in dtypes:
             for program in ("train_rm", "trl"):
                 configs.append(
                     {"row": row, "dtype": dtype, "program": program, "id": f"{row}/{dtype}/{program}"}
@@ -227,9 +251,9 @@ def measure_peak(args: argparse.Namespace, work: Path, round_index: int) -> dict
     return bench_rm.measure_peak(args, work, round_index)
 
 
-def aggregate(configs: list[dict], rounds: list[dict], dtypes: list[str], rows: list[str]) -> list[dict]:
+def aggregate(configs: list[dict], rounds: list[dict], rows: dict[str, list[str]]) -> list[dict]:
     table = []
-    for row in rows:
+    for row, dtypes in rows.items():
         for dtype in dtypes:
             ours = [r["results"].get(f"{row}/{dtype}/train_rm") for r in rounds]
             trl = [r["results"].get(f"{row}/{dtype}/trl") for r in rounds]
@@ -288,7 +312,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--name", default="e2e-cpu-2threads")
-    parser.add_argument("--rows", nargs="+", default=["smollm2"], choices=list(ROWS))
+    parser.add_argument(
+        "--rows", nargs="+", default=["smollm2"], help=f"ROW or ROW:DTYPE; rows: {', '.join(ROWS)}"
+    )
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max_steps", type=int, default=14)
@@ -303,6 +329,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work_dir", default=None, help="Keep runs here; rerunning resumes.")
     parser.add_argument("--output_dir", default=str(bench_rm.RESULTS_DIR))
     args = parser.parse_args(argv)
+    for entry in args.rows:
+        row, _, dtype = entry.partition(":")
+        if row not in ROWS or dtype not in ("", "fp32", "bf16"):
+            parser.error(f"--rows {entry}: expected ROW or ROW:fp32/bf16, ROW one of {', '.join(ROWS)}")
     if args.pairs_per_step % 2:
         parser.error("--pairs_per_step must be even (the 2-process rows split it)")
     return args
@@ -335,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
         "args": vars(args),
         "timed_pairs": prepared["timed_pairs"],
         "rounds": rounds,
-        "table": aggregate(configs, rounds, args.dtypes, args.rows),
+        "table": aggregate(configs, rounds, row_dtypes(args)),
     }
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -277,6 +277,28 @@ def check_plan_arguments(module: nn.Module, plan: SegmentPlan, keywords: dict) -
         )
 
 
+# On CPU (torch 2.13) the bf16 flash-attention kernel's forward + backward is slower than fp32 for short parts of a
+# segment row and faster for long ones (2 threads, 9 heads of 64, causal, casts included, two runs: 64 keys 1.9-2.4x
+# the fp32 time, 128 keys 1.5-2.0x, 256 keys 0.8-1.2x, 512 keys 0.8-0.95x, 768-2048 keys 0.7-0.85x;
+# `python benchmarks/bench_attention.py`). Parts with at most this many keys are attended in fp32 from the bf16
+# inputs: the same softmax attention, rounded once at the output instead of inside the kernel. The bound was set by
+# the end-to-end A/B: train_rm bf16 SmolLM2-135M (hh, 4 pairs per step, 512) took 7-16% less wall time per step
+# than with the bf16 kernel everywhere, in 3 interleaved rounds on a quiet machine.
+CPU_FP32_ATTENTION_MAX_KEYS = 512
+
+
+def attention_compute_dtype(query: torch.Tensor, num_keys: int) -> torch.dtype:
+    """The dtype one segment part is attended in: fp32 for a half-precision part on CPU with at most
+    `CPU_FP32_ATTENTION_MAX_KEYS` keys (faster there, see above), else the inputs' own dtype."""
+    if (
+        query.device.type == "cpu"
+        and query.dtype in (torch.bfloat16, torch.float16)
+        and num_keys <= CPU_FP32_ATTENTION_MAX_KEYS
+    ):
+        return torch.float32
+    return query.dtype
+
+
 def segment_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -319,7 +341,7 @@ def segment_attention_forward(
     queries, keys, values = (tensor.split(plan.sizes, dim=2) for tensor in (query, key, value))
     outputs = []
     for part, step in enumerate(plan.steps):
-        part_keys, part_values, options = keys[part], values[part], {}
+        part_queries, part_keys, part_values, options = queries[part], keys[part], values[part], {}
         if step[0] == "causal":
             options["is_causal"] = True
         elif step[0] == "branch":
@@ -328,11 +350,16 @@ def segment_attention_forward(
             part_values = torch.cat([values[head][:, :, :prefix], part_values], dim=2)
         else:
             options["attn_mask"] = step[1]
-        outputs.append(
-            functional.scaled_dot_product_attention(
-                queries[part], part_keys, part_values, dropout_p=dropout, scale=scaling, **options
-            )
+        compute_dtype = attention_compute_dtype(part_queries, part_keys.shape[2])
+        output = functional.scaled_dot_product_attention(
+            part_queries.to(compute_dtype),
+            part_keys.to(compute_dtype),
+            part_values.to(compute_dtype),
+            dropout_p=dropout,
+            scale=scaling,
+            **options,
         )
+        outputs.append(output.to(query.dtype))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 

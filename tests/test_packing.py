@@ -334,3 +334,33 @@ def test_segment_attention_on_cuda_equals_the_padded_batch(dtype):
                 chosen, rejected = packed_rewards(model, batch)
             got = torch.cat([chosen, rejected]).float()
             torch.testing.assert_close(got, expected, atol=tolerance, rtol=0, msg=f"blocks of {block_tokens}")
+
+
+def test_short_bf16_parts_attend_in_fp32_on_cpu_and_long_ones_in_bf16():
+    """CPU bf16: parts up to CPU_FP32_ATTENTION_MAX_KEYS keys are attended in fp32 (the bf16 inputs' exact
+    attention, rounded once), longer ones by the bf16 kernel; both agree with fp32 attention within bf16 rounding."""
+    bound = packed_attention.CPU_FP32_ATTENTION_MAX_KEYS
+    generator = torch.Generator().manual_seed(0)
+    short, long = 40, bound + 8
+    query, key, value = (
+        torch.randn(1, 2, short + long, 8, generator=generator).to(torch.bfloat16) for _ in range(3)
+    )
+    plan = packed_attention.plan_segments([[0, short, 0], [short, long, 0]], query.device, block_tokens=0)
+    module = torch.nn.Module().eval()
+    output, _ = packed_attention.segment_attention_forward(
+        module, query, key, value, None, rewardspeed_segments=plan
+    )
+    assert output.dtype == torch.bfloat16 and output.shape == (1, short + long, 2, 8)
+
+    def attend(dtype, part):
+        span = slice(0, short) if part == 0 else slice(short, short + long)
+        inputs = (tensor[:, :, span].to(dtype) for tensor in (query, key, value))
+        result = torch.nn.functional.scaled_dot_product_attention(*inputs, is_causal=True)
+        return result.to(torch.bfloat16).transpose(1, 2)
+
+    torch.testing.assert_close(output[:, :short], attend(torch.float32, 0), atol=0, rtol=0)
+    torch.testing.assert_close(output[:, short:], attend(torch.bfloat16, 1), atol=0, rtol=0)
+    torch.testing.assert_close(output[:, short:].float(), attend(torch.float32, 1).float(), atol=2e-2, rtol=0)
+    assert packed_attention.attention_compute_dtype(query, bound) == torch.float32
+    assert packed_attention.attention_compute_dtype(query, bound + 1) == torch.bfloat16
+    assert packed_attention.attention_compute_dtype(query.float(), 4) == torch.float32
