@@ -5,9 +5,10 @@
     python benchmarks/bench_kwise.py experiment --data_dir /tmp/kwise-data --kwise_steps 40
 
 `throughput`: comparisons per second of `python -m training.train_rm` (end to end; `elapsed_s` of optimizer steps
-`--timed_from`+1 .. `--max_steps`) on the K-wise rows (`--listwise_loss pairs` and `plackett_luce`, one prompt's
-group per step), on the expanded pairs (`--pairwise_pairs` pairs per step: as many responses per micro-batch as a
-full group of 12) and TRL's `RewardTrainer` (benchmarks/trl_worker.py, TRL venv) on the same expanded pairs in
+`--timed_from`+1 .. `--max_steps`) on the K-wise rows (`--listwise_loss pairs` and `plackett_luce`, `--kwise_groups`
+prompts' groups per step), on the expanded pairs (`--pairwise_pairs` pairs per step; the defaults, 2 groups and 9
+pairs, hold 2,440 and 2,000 tokens per micro-batch on average at `--max_seq_len 128`: groups vary in size, so peak
+memory at equal tokens is `kwise_memory.py`'s measurement, not this one's) and TRL's `RewardTrainer` (benchmarks/trl_worker.py, TRL venv) on the same expanded pairs in
 the project's order. Comparisons of a K-wise step = the gap-filtered pairs of its group (counted from the
 project's own tokenised data and sampler order). Peak RSS is each process's `ru_maxrss`; tokens per micro-batch
 are reported beside it.
@@ -50,7 +51,7 @@ def variant_flags(args: argparse.Namespace, variant: str) -> list[str]:
         loss = "plackett_luce" if variant == "kwise-pl" else "pairs"
         return [
             "--data_path", str(data / "train_kwise.jsonl"), "--listwise_loss", loss,
-            "--per_device_train_batch_size", "1",
+            "--per_device_train_batch_size", str(args.kwise_groups),
         ]  # fmt: skip
     return [
         "--data_path", str(data / f"train_{variant}.jsonl"),
@@ -212,11 +213,11 @@ def experiment(args: argparse.Namespace) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     eval_flags = ["--eval_data_path", str(Path(args.data_dir) / f"eval_kwise.jsonl[:{args.eval_rows}]")]
     runs, commands = {}, {}
-    for variant in ("kwise", "kwise-pl", "binarized", "expanded"):
+    for variant in args.variants:
         kwise = variant.startswith("kwise")
         steps = args.kwise_steps
         if not kwise:
-            measured = [runs[name]["train"] for name in ("kwise", "kwise-pl")]
+            measured = [runs[name]["train"] for name in runs if name.startswith("kwise")]
             step_s = statistics.mean(train[-1]["elapsed_s"] / train[-1]["step"] for train in measured)
             steps = args.pairwise_steps or 0
             extra = ["--eval_interval", str(args.kwise_steps)]
@@ -295,11 +296,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
     parser.add_argument("--min_score_gap", type=float, default=0.1)
     parser.add_argument("--learning_rate", type=float, default=2e-5)
-    parser.add_argument("--pairwise_pairs", type=int, default=6, help="Pairs per step of the pairwise runs.")
+    parser.add_argument("--kwise_groups", type=int, default=2, help="Prompts' groups per K-wise step.")
+    parser.add_argument("--pairwise_pairs", type=int, default=9, help="Pairs per step of the pairwise runs.")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max_steps", type=int, default=8)
     parser.add_argument("--timed_from", type=int, default=2)
     parser.add_argument("--kwise_steps", type=int, default=40)
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["kwise", "kwise-pl", "binarized", "expanded"],
+        choices=["kwise", "kwise-pl", "binarized", "expanded"],
+        help="experiment: the runs, K-wise first (the pairwise runs match their training time)",
+    )
     parser.add_argument("--eval_rows", type=int, default=100, help="Held-out prompts evaluated (all 100).")
     parser.add_argument("--pairwise_steps", type=int, default=0, help="0: equal training time (see above).")
     parser.add_argument("--threads", type=int, default=2)
@@ -307,7 +316,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--matmul_size", type=int, default=2048)
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--trl_python", default=str(bench_rm.VENV_ROOT / "trl116" / "bin" / "python"))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    kwise_runs = [v for v in args.variants if v.startswith("kwise")]
+    if args.what == "experiment" and (not kwise_runs or args.variants[: len(kwise_runs)] != kwise_runs):
+        parser.error(
+            "--variants: at least one K-wise run, the K-wise runs first (the others match their time)"
+        )
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -279,12 +279,12 @@ def check_plan_arguments(module: nn.Module, plan: SegmentPlan, keywords: dict) -
 
 # On CPU (torch 2.13) the bf16 flash-attention kernel's forward + backward is slower than fp32 for short parts of a
 # segment row and faster for long ones (2 threads, 9 heads of 64, causal, casts included, two runs: 64 keys 1.9-2.4x
-# the fp32 time, 128 keys 1.5-2.0x, 256 keys 0.8-1.2x, 512 keys 0.8-0.95x, 768-2048 keys 0.7-0.85x;
-# `python benchmarks/bench_attention.py`). Parts with at most this many keys are attended in fp32 from the bf16
-# inputs: the same softmax attention, rounded once at the output instead of inside the kernel. The bound was set by
-# the end-to-end A/B: train_rm bf16 SmolLM2-135M (hh, 4 pairs per step, 512) took 7-16% less wall time per step
-# than with the bf16 kernel everywhere, in 3 interleaved rounds on a quiet machine.
-CPU_FP32_ATTENTION_MAX_KEYS = 512
+# the fp32 time, 128 keys 1.5-2.0x, 256 keys 0.8-1.2x, 384-2048 keys 0.7-0.95x; `python
+# benchmarks/bench_attention.py`). Parts with at most this many keys are attended in fp32 from the bf16 inputs: the
+# same softmax attention, rounded once at the output instead of inside the kernel. End to end (train_rm bf16,
+# SmolLM2-135M, hh, 4 pairs per step, most parts ~180 keys) fp32 parts took 7-14% off the step time in 3 quiet A/B
+# rounds (measured with the bound at 512; 256 is where the kernel microbenchmark crosses over).
+CPU_FP32_ATTENTION_MAX_KEYS = 256
 
 
 def attention_compute_dtype(query: torch.Tensor, num_keys: int) -> torch.dtype:

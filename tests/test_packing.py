@@ -364,3 +364,26 @@ def test_short_bf16_parts_attend_in_fp32_on_cpu_and_long_ones_in_bf16():
     assert packed_attention.attention_compute_dtype(query, bound) == torch.float32
     assert packed_attention.attention_compute_dtype(query, bound + 1) == torch.bfloat16
     assert packed_attention.attention_compute_dtype(query.float(), 4) == torch.float32
+
+
+def test_the_fp32_choice_counts_a_branch_part_s_keys_not_its_queries():
+    """A later branch of a shared sequence attends the prompt too: with few queries but more keys than the bound,
+    it takes the bf16 kernel (equal to SDPA over prompt + branch in bf16 with the branch mask)."""
+    bound = packed_attention.CPU_FP32_ATTENTION_MAX_KEYS
+    prefix, first, second = bound - 10, 6, 20  # the second branch: 20 queries over bound + 10 keys
+    generator = torch.Generator().manual_seed(1)
+    query, key, value = (
+        torch.randn(1, 2, prefix + first + second, 8, generator=generator).to(torch.bfloat16)
+        for _ in range(3)
+    )
+    plan = packed_attention.plan_segments([[0, prefix, first, second]], query.device, block_tokens=0)
+    output, _ = packed_attention.segment_attention_forward(
+        torch.nn.Module().eval(), query, key, value, None, rewardspeed_segments=plan
+    )
+    branch = slice(prefix + first, prefix + first + second)
+    keys, values = (torch.cat([t[:, :, :prefix], t[:, :, branch]], dim=2) for t in (key, value))
+    mask = torch.ones(second, prefix + second, dtype=torch.bool).tril(diagonal=prefix)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, branch], keys, values, attn_mask=mask
+    )
+    torch.testing.assert_close(output[:, branch], expected.transpose(1, 2), atol=0, rtol=0)
