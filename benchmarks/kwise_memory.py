@@ -4,9 +4,9 @@
     python benchmarks/kwise_memory.py --data_dir /tmp/kwise-data --tokens 2048 3072 4096
 
 For each token budget the K-wise rows are taken in the training sampler's order, skipping groups that would
-overflow, until the collated row holds at least 98% of the budget; then the expanded pairs (every gap-filtered
-pair) are taken the same way up to the K-wise row's exact token count, so both rows hold the same tokens within
-1-2% (the tokens the backbone computes: each prompt once per group or pair). Each (budget, variant) runs in its own
+overflow, until the collated row holds at least 98% of the budget (else, after every group, the fullest fit, at
+least 90%); then the expanded pairs (every gap-filtered pair) are taken the same way up to the K-wise row's exact
+token count, so both rows hold the same tokens within 1% (the tokens the backbone computes: each prompt once per group or pair). Each (budget, variant) runs in its own
 process, 2 threads, bf16, SmolLM2-135M, in the layout train_rm proves and takes for these runs (packing, prompt
 sharing, segment attention): the model is built, garbage is collected and freed heap returned to the system
 (`malloc_trim`), the process's peak RSS is reset (`/proc/self/clear_refs`), then one forward, the loss
@@ -53,7 +53,9 @@ def select(examples: list[dict], order: list[int], budget: int, collator, fill: 
             total += size
         if total >= fill * budget:
             return chosen
-    raise RuntimeError(f"no selection of at least {fill:.0%} of {budget} tokens (got {total})")
+    if total >= 0.9 * budget:  # the fullest fit the data has (groups come in steps of hundreds of tokens)
+        return chosen
+    raise RuntimeError(f"no selection of at least 90% of {budget} tokens (got {total})")
 
 
 def worker(args: argparse.Namespace) -> dict:
