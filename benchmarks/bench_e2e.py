@@ -125,7 +125,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict:
 
     smollm2 = default_model_path()
     models = {"smollm2": smollm2}
-    for row in row_dtypes(args):
+    for row in args.row_dtypes:
         backbone = ROWS[row][0]
         if backbone != "smollm2":
             models[backbone] = random_backbone(backbone, work / f"model-{backbone}", smollm2)
@@ -147,19 +147,22 @@ def prepare(args: argparse.Namespace, work: Path) -> dict:
     }
 
 
-def row_dtypes(args: argparse.Namespace) -> dict[str, list[str]]:
-    """`--rows` entries `ROW` (every `--dtypes`) or `ROW:DTYPE` (that one), in order."""
+def row_dtypes(entries: list[str], dtypes: list[str]) -> dict[str, list[str]]:
+    """`--rows` entries `ROW` (every `--dtypes`) or `ROW:DTYPE` (that one), in order. Raises ValueError naming an
+    entry that is neither."""
     rows: dict[str, list[str]] = {}
-    for entry in args.rows:
+    for entry in entries:
         row, _, dtype = entry.partition(":")
+        if row not in ROWS or dtype not in ("", "fp32", "bf16"):
+            raise ValueError(f"--rows {entry}: expected ROW or ROW:fp32/bf16, ROW one of {', '.join(ROWS)}")
         rows.setdefault(row, [])
-        rows[row] += [d for d in ([dtype] if dtype else args.dtypes) if d not in rows[row]]
+        rows[row] += [d for d in ([dtype] if dtype else dtypes) if d not in rows[row]]
     return rows
 
 
 def configurations(args: argparse.Namespace) -> list[dict]:
     configs = []
-    for row, dtypes in row_dtypes(args).items():
+    for row, dtypes in args.row_dtypes.items():
         for dtype in dtypes:
             for program in ("train_rm", "trl"):
                 configs.append(
@@ -329,10 +332,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work_dir", default=None, help="Keep runs here; rerunning resumes.")
     parser.add_argument("--output_dir", default=str(bench_rm.RESULTS_DIR))
     args = parser.parse_args(argv)
-    for entry in args.rows:
-        row, _, dtype = entry.partition(":")
-        if row not in ROWS or dtype not in ("", "fp32", "bf16"):
-            parser.error(f"--rows {entry}: expected ROW or ROW:fp32/bf16, ROW one of {', '.join(ROWS)}")
+    try:
+        args.row_dtypes = row_dtypes(args.rows, args.dtypes)
+    except ValueError as error:
+        parser.error(str(error))
     if args.pairs_per_step % 2:
         parser.error("--pairs_per_step must be even (the 2-process rows split it)")
     return args
@@ -365,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
         "args": vars(args),
         "timed_pairs": prepared["timed_pairs"],
         "rounds": rounds,
-        "table": aggregate(configs, rounds, row_dtypes(args)),
+        "table": aggregate(configs, rounds, args.row_dtypes),
     }
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

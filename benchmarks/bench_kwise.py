@@ -8,8 +8,8 @@
 `--timed_from`+1 .. `--max_steps`) on the K-wise rows (`--listwise_loss pairs` and `plackett_luce`, `--kwise_groups`
 prompts' groups per step), on the expanded pairs (`--pairwise_pairs` pairs per step; the defaults, 2 groups and 9
 pairs, hold 2,440 and 2,000 tokens per micro-batch on average at `--max_seq_len 128`: groups vary in size, so peak
-memory at equal tokens is `kwise_memory.py`'s measurement, not this one's) and TRL's `RewardTrainer` (benchmarks/trl_worker.py, TRL venv) on the same expanded pairs in
-the project's order. Comparisons of a K-wise step = the gap-filtered pairs of its group (counted from the
+memory at equal tokens is `kwise_memory.py`'s measurement, not this one's) and TRL's `RewardTrainer`
+(benchmarks/trl_worker.py, TRL venv) on the same expanded pairs in the project's order. Comparisons of a K-wise step = the gap-filtered pairs of its group (counted from the
 project's own tokenised data and sampler order). Peak RSS is each process's `ru_maxrss`; tokens per micro-batch
 are reported beside it.
 

@@ -22,7 +22,6 @@ import argparse
 import ctypes
 import gc
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -30,9 +29,13 @@ import time
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+
+import bench_rm  # noqa: E402  (the shared helpers: worker environment, repository root)
+
+if str(bench_rm.REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(bench_rm.REPO_ROOT))
 
 
 def rss_mib(field: str) -> float:
@@ -42,12 +45,15 @@ def rss_mib(field: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def select(examples: list[dict], order: list[int], budget: int, collator, fill: float) -> list[dict]:
-    """Examples in `order` whose collated row stays within `budget` tokens, until it holds `fill` of it."""
+def select(examples: list[dict], order: list[int], budget: int, fill: float) -> list[dict]:
+    """Examples in `order` whose segment row (each prompt once, no padding) stays within `budget` tokens, until it
+    holds `fill` of it."""
+    from training.data.collate import example_sequence_lengths
+
     chosen: list[dict] = []
     total = 0
     for index in order:
-        size = collator([examples[index]])["input_ids"].numel()
+        size = sum(example_sequence_lengths(examples[index], share_prompt=True))
         if total + size <= budget:
             chosen.append(examples[index])
             total += size
@@ -87,7 +93,7 @@ def worker(args: argparse.Namespace) -> dict:
     layout = BatchLayout(packing=True, share_prompt=True, attention=SEGMENTS)
     collator = layout.collator(tokenizer.pad_token_id)
     order = epoch_order(len(data.train), 0, config.seed, 1)
-    examples = select(data.train, order, args.budget, collator, 0.98 if args.variant == "kwise" else 0.99)
+    examples = select(data.train, order, args.budget, 0.98 if args.variant == "kwise" else 0.99)
     batch = collator(examples)
     model = create_critic_model(
         model_path, tokenizer, dtype=torch.bfloat16, attn_implementation="sdpa", head_seed=config.seed
@@ -141,15 +147,9 @@ def main() -> None:
                 sys.executable, __file__, "--data_dir", args.data_dir, "--max_seq_len", str(args.max_seq_len),
                 "--threads", str(args.threads), "--variant", variant, "--budget", str(budget),
             ]  # fmt: skip
-            env = {
-                "OMP_NUM_THREADS": str(args.threads),
-                "DS_ACCELERATOR": "cpu",
-                "TOKENIZERS_PARALLELISM": "false",
-                "MALLOC_MMAP_THRESHOLD_": "131072",
-            }
-            result = subprocess.run(
-                command, capture_output=True, text=True, env={**os.environ, **env}, check=False
-            )
+            env = bench_rm.worker_env(args.threads, "")
+            env.update(DS_ACCELERATOR="cpu", MALLOC_MMAP_THRESHOLD_="131072")
+            result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
             lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
             if result.returncode or not lines:
                 raise RuntimeError(
