@@ -224,13 +224,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse and check the flags; a bad value exits with status 2 and a message naming the flag."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    positive = ("max_seq_len", "max_batch_tokens", "max_queue", "request_timeout_s", "max_request_mb")
+    positive = (
+        "max_seq_len", "max_batch_tokens", "max_queue", "request_timeout_s", "max_request_mb", "max_text_chars",
+        "max_connections",
+    )  # fmt: skip
     problems = [f"--{name} must be positive" for name in positive if getattr(args, name) <= 0]
-    problems += [
-        f"--{name} must be positive"
-        for name in ("max_text_chars", "max_connections")
-        if getattr(args, name) < 1
-    ]
     if args.max_wait_ms < 0:
         problems.append("--max_wait_ms must not be negative")
     if not 0 <= args.port < 65536:
