@@ -79,7 +79,8 @@ class Item:
     """Queued responses of one group that may share a prompt: `sequences[i]` is response `positions[i]` of
     group `group` of `job`. Items with equal `sharing_key` (same prompt, not truncated) are merged into one
     K-branch group when they land in one micro-batch; exactness never depends on the key (the shared part is
-    the actual common token prefix)."""
+    the actual common token prefix). `tokens`: what it computes as the first of its sharing group in a micro-batch,
+    counted once when it is queued (`RewardEngine._own_tokens`)."""
 
     job: Job
     group: int
@@ -87,6 +88,7 @@ class Item:
     sequences: list[list[int]]
     sharing_key: object
     enqueued_at: float
+    tokens: int
 
 
 def sharing_key(prompt: Content) -> tuple[str, str]:
@@ -216,9 +218,11 @@ class RewardEngine:
                 whole = [position for position, cut in enumerate(truncated) if not cut]
                 if whole:
                     shared = [sequences[position] for position in whole]
-                    items.append(Item(job, index, whole, shared, sharing_key(group.prompt), now))
+                    key = sharing_key(group.prompt)
+                    items.append(Item(job, index, whole, shared, key, now, self._own_tokens(shared)))
                 for position in (position for position, cut in enumerate(truncated) if cut):
-                    items.append(Item(job, index, [position], [sequences[position]], object(), now))
+                    alone = [sequences[position]]
+                    items.append(Item(job, index, [position], alone, object(), now, self._own_tokens(alone)))
         except Exception as error:  # a failing chat template (DataError) or anything else: this job only
             self._release(job.remaining)
             if not isinstance(error, _Skipped) and job.future.set_running_or_notify_cancel():
@@ -226,19 +230,24 @@ class RewardEngine:
             return
         with self._condition:
             self._queue.extend(items)
-            self._queued_tokens += sum(self._item_tokens(item) for item in items)
+            self._queued_tokens += sum(item.tokens for item in items)
             self._condition.notify_all()
 
     # --- the model thread -------------------------------------------------------------------------------------
 
+    def _own_tokens(self, sequences: list[list[int]]) -> int:
+        """Tokens computed for an item's `sequences` when no other item of its sharing group is in the micro-batch:
+        their common prefix once and each remainder when sharing, every sequence whole otherwise."""
+        if not self.layout.share_prompt:
+            return sum(map(len, sequences))
+        prompt, responses = split_shared_prefix(sequences)
+        return sum(example_sequence_lengths({"prompt_ids": prompt, "response_ids": responses}, True))
+
     def _item_tokens(self, item: Item, prefix: int | None = None) -> int:
         """Tokens computed for an item: its responses after the prompt prefix when sharing (`prefix`: the
-        prefix of the group it joins), every sequence whole otherwise."""
-        if not self.layout.share_prompt:
-            return sum(map(len, item.sequences))
-        if prefix is None:
-            prompt, responses = split_shared_prefix(item.sequences)
-            return sum(example_sequence_lengths({"prompt_ids": prompt, "response_ids": responses}, True))
+        prefix of the group it joins), its own count (`item.tokens`) otherwise."""
+        if prefix is None or not self.layout.share_prompt:
+            return item.tokens
         return sum(len(sequence) - prefix for sequence in item.sequences)
 
     def _release(self, responses: int) -> None:
@@ -270,14 +279,14 @@ class RewardEngine:
                 item = self._queue[0]
                 if item.job.future.done():  # cancelled (timed out) or failed: drop its responses
                     self._queue.popleft()
-                    self._queued_tokens -= self._item_tokens(item)
+                    self._queued_tokens -= item.tokens
                     skipped += len(item.sequences)
                     continue
                 cost = self._item_tokens(item, prefixes.get(item.sharing_key))
                 if batch and tokens + cost > self.max_batch_tokens:
                     break
                 self._queue.popleft()
-                self._queued_tokens -= self._item_tokens(item)
+                self._queued_tokens -= item.tokens
                 if item.job.future.running() or item.job.future.set_running_or_notify_cancel():
                     batch.append(item)
                     tokens += cost
