@@ -23,8 +23,8 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from training.data.records import DataError, ListwiseOptions, PreferenceData
-from training.data.rows import DataOptions, PhaseRows, read_phase_rows
-from training.data.sources import choose_source
+from training.data.rows import DataOptions, PhaseRows, choose_phase_sources, read_phase_rows
+from training.data.sources import ChosenSource
 from training.data.splits import DEFAULT_DATA_SPLIT, REWARD_PHASE, parse_data_split
 from training.data.store import ExampleStore, IncompletePart, open_part, write_part
 from training.data.tokenize import TRUNCATION_COUNTS, tokenize_chunks
@@ -98,28 +98,32 @@ def cache_material(
     eval_data_paths: list[str],
     tokenizer: PreTrainedTokenizerBase,
     options: DataOptions,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], list[ChosenSource]]:
     """Everything the tokenised data depends on (its cache key, `cache.py`): each source's choice (subset,
-    splits, row range) and its files' bytes, the tokenizer, the library versions, the code, and the options."""
+    splits, row range) and its files' bytes, the tokenizer, the library versions, the code, and the options;
+    and the sources as resolved for it (`rows.choose_phase_sources`), for a build to read."""
     import tokenizers
     import transformers
 
     from training.data.cache import code_digest, files_digest, tokenizer_digest
 
-    def source(path: str, with_eval: bool) -> dict[str, Any]:
-        chosen = choose_source(path, with_eval)
+    def source(chosen: ChosenSource) -> dict[str, Any]:
         rows = chosen.spec.row_range
         return {
-            "source": path,
+            "source": chosen.spec.text,
             "subset": chosen.subset,
             "splits": [chosen.train_split, chosen.eval_split],
             "rows": [rows.start, rows.stop] if rows else None,
             "files": files_digest(chosen.files_read()),
         }
 
-    return {
-        "sources": [source(path, with_eval=not eval_data_paths) for path in data_paths],
-        "eval_sources": [source(path, with_eval=True) for path in eval_data_paths],
+    chosen, described = [], []
+    for resolved in choose_phase_sources(data_paths, eval_data_paths):
+        chosen.append(resolved)
+        described.append(source(resolved))
+    material = {
+        "sources": described[: len(data_paths)],
+        "eval_sources": described[len(data_paths) :],
         "tokenizer": tokenizer_digest(tokenizer),
         "versions": {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
         "code": code_digest(),
@@ -128,6 +132,7 @@ def cache_material(
             "listwise": dataclasses.asdict(options.listwise or ListwiseOptions()),
         },
     }
+    return material, chosen
 
 
 def _open_cached(folder: Path) -> PreferenceData | None:
@@ -157,10 +162,11 @@ def _cached_data(
 ) -> PreferenceData:
     from training.data.cache import build_once_per_node, cache_key
 
-    material = cache_material(data_paths, eval_data_paths, tokenizer, options)
+    # Each source is resolved once: a build reads the very choices the key fingerprints.
+    material, chosen = cache_material(data_paths, eval_data_paths, tokenizer, options)
 
     def build(staging: Path, group) -> dict:
-        phase = read_phase_rows(data_paths, eval_data_paths, options)
+        phase = read_phase_rows(data_paths, eval_data_paths, options, chosen)
         _, counts = _tokenise_shard(
             phase, tokenizer, options.max_seq_len, staging, group.index, group.size, progress=group.index == 0
         )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ from training.data.records import (
     RowSkipped,
     SourceRows,
 )
-from training.data.sources import load_records
+from training.data.sources import ChosenSource, choose_source
 from training.data.splits import DEFAULT_DATA_SPLIT, REWARD_PHASE, parse_data_split, split_indices
 
 logger = logging.getLogger(__name__)
@@ -101,16 +101,15 @@ def _column_names(records: list[RawRecord]) -> set[str]:
 
 
 def read_source(
-    source: str,
+    chosen: ChosenSource,
     column_map: dict[str, str] | None = None,
     listwise: ListwiseOptions | None = None,
-    with_eval: bool = True,
 ) -> SourceRows:
-    """Read and validate one source without raising on invalid rows (they are listed in `problems`).
-
-    `with_eval=False`: the source's own evaluation split is not wanted (not chosen, not read).
+    """Read and validate one resolved source (`sources.choose_source`: its splits, hence whether its own
+    evaluation split is read, are chosen there) without raising on invalid rows (they are listed in `problems`).
     """
-    train_records, eval_records = load_records(source, with_eval)
+    source = chosen.spec.text
+    train_records, eval_records = chosen.records()
     all_records = train_records + (eval_records or [])
     if not all_records:
         raise DataError(f"{source}: no rows")
@@ -157,7 +156,7 @@ def read_preference_rows(
         `SourceRows`: `.rows` (all rows of a file, the train split of a folder or hub dataset) and `.eval_rows`
         (the source's own evaluation split, or None), with the counts of skipped rows and ties.
     """
-    source = read_source(path, column_map, listwise)
+    source = read_source(choose_source(path), column_map, listwise)
     raise_on_problems([source], skip_invalid_rows)
     if source.problems:
         logger.warning("%s: skipped %d invalid rows %s", path, len(source.problems), dict(source.skipped))
@@ -195,13 +194,30 @@ class PhaseRows:
     stats: dict[str, Any]
 
 
-def read_phase_rows(data_paths: list[str], eval_data_paths: list[str], options: DataOptions) -> PhaseRows:
+def choose_phase_sources(data_paths: list[str], eval_data_paths: list[str]) -> Iterator[ChosenSource]:
+    """The sources of one phase resolved (`sources.choose_source`) one at a time as they are asked for: the
+    training sources, then the evaluation sources. A training source's own evaluation split is chosen (and read)
+    only when no evaluation sources are given; an evaluation source's always."""
+    for path in data_paths:
+        yield choose_source(path, with_eval=not eval_data_paths)
+    for path in eval_data_paths:
+        yield choose_source(path)
+
+
+def read_phase_rows(
+    data_paths: list[str],
+    eval_data_paths: list[str],
+    options: DataOptions,
+    chosen: Iterable[ChosenSource] | None = None,
+) -> PhaseRows:
     """Read, validate, blend and split the rows of one phase (every step of `load_preference_data` but
-    tokenisation). Raises `DataError` as `load_preference_data` does."""
+    tokenisation). `chosen`: the sources already resolved (`choose_phase_sources` of the same paths); None:
+    each is resolved just before it is read. Raises `DataError` as `load_preference_data` does."""
     weights = parse_data_split(options.data_split, options.phase_index)
-    column_map, listwise = options.column_map, options.listwise
-    sources = [read_source(path, column_map, listwise, with_eval=not eval_data_paths) for path in data_paths]
-    eval_sources = [read_source(path, column_map, listwise) for path in eval_data_paths]
+    if chosen is None:
+        chosen = choose_phase_sources(data_paths, eval_data_paths)
+    read = [read_source(source, options.column_map, options.listwise) for source in chosen]
+    sources, eval_sources = read[: len(data_paths)], read[len(data_paths) :]
     raise_on_problems(sources + eval_sources, options.skip_invalid_rows)
 
     train_rows, eval_rows, train_pairs_per_source = [], [], {}

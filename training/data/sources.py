@@ -307,9 +307,19 @@ class ChosenSource:
     description: str = ""
 
     def files_read(self) -> list[Path]:
-        """The files `load_records` reads for this choice (a hub dataset's are downloaded), in reading order."""
+        """The files `records` reads for this choice (a hub dataset's are downloaded), in reading order."""
         splits = (self.train_split, self.eval_split)
         return [path for split in splits if split is not None for path in self.files(split)]
+
+    def records(self) -> tuple[list[RawRecord], list[RawRecord] | None]:
+        """Raw records of this choice: (the training split's, sliced by the row range; the evaluation split's, or
+        None when none was chosen)."""
+        if self.description:
+            logger.info("%s: %s", self.spec.text, self.description)
+        train = self.read(self.train_split) if self.train_split is not None else []
+        if self.spec.row_range:
+            train = train[self.spec.row_range]
+        return train, self.read(self.eval_split) if self.eval_split is not None else None
 
 
 def choose_source(source: str, with_eval: bool = True) -> ChosenSource:
@@ -357,10 +367,4 @@ def load_records(source: str, with_eval: bool = True) -> tuple[list[RawRecord], 
         (records of the training split, sliced by the row range; records of the evaluation split, or None when
         the source has none or `with_eval` is False).
     """
-    chosen = choose_source(source, with_eval)
-    if chosen.description:
-        logger.info("%s: %s", source, chosen.description)
-    train = chosen.read(chosen.train_split) if chosen.train_split is not None else []
-    if chosen.spec.row_range:
-        train = train[chosen.spec.row_range]
-    return train, chosen.read(chosen.eval_split) if chosen.eval_split is not None else None
+    return choose_source(source, with_eval).records()
