@@ -99,17 +99,22 @@ def init_distributed(timeout_minutes: float | None = None) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def _initialized() -> bool:
+    """A process group is running (a torch built without distributed support has none)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def destroy_distributed() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _initialized():
         torch.distributed.destroy_process_group()
 
 
 def rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return torch.distributed.get_rank() if _initialized() else 0
 
 
 def world_size() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return torch.distributed.get_world_size() if _initialized() else 1
 
 
 def device() -> torch.device:

@@ -114,19 +114,13 @@ class NodeGroup:
     size: int
 
 
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _all_gather(value: Any) -> list[Any]:
     """Every rank's `value`, in rank order (a one-process world: `[value]`)."""
     import torch.distributed as dist
 
-    this_rank, ranks = _world()
+    from model_utils import distributed
+
+    ranks = distributed.world_size()
     if ranks == 1:
         return [value]
     gathered = [None] * ranks
@@ -137,7 +131,9 @@ def _all_gather(value: Any) -> list[Any]:
 def _node_id() -> str:
     """Same value on the ranks of one node: the host name and the global rank of the launcher node's first rank
     (two launchers on one host, as in tests, are two nodes). Without LOCAL_RANK a rank is a node of its own."""
-    this_rank, _ = _world()
+    from model_utils import distributed
+
+    this_rank = distributed.rank()
     local_rank = os.environ.get("LOCAL_RANK")
     first = this_rank - int(local_rank) if local_rank is not None and local_rank.isdigit() else this_rank
     return f"{socket.gethostname()}/{first}"
@@ -220,8 +216,10 @@ def build_once_per_node(
     Raises:
         DataError: raised by `build` on any rank (re-raised on every rank), or the cache cannot be written.
     """
+    from model_utils import distributed
+
     opened = _try_open(open_folder, folder)
-    this_rank, _ = _world()
+    this_rank = distributed.rank()
     views = _all_gather((_node_id(), str(folder), opened is not None, secrets.token_hex(6)))
     node = views[this_rank][0]
     members = [rank for rank, view in enumerate(views) if view[0] == node]

@@ -72,16 +72,17 @@ def _tokenise_shard(
     `folder` (`<split>-<shard>`) or kept in memory, with a progress bar when `progress`."""
     from tqdm import tqdm
 
+    split_rows = dict(zip(SPLITS, (phase.train, phase.eval), strict=True))
     bounds = {
         split: (len(rows) * shard // shards, len(rows) * (shard + 1) // shards)
-        for split, rows in (("train", phase.train), ("eval", phase.eval))
+        for split, rows in split_rows.items()
     }
     total = sum(stop - start for start, stop in bounds.values())
     stores, counts = {}, {}
     with tqdm(
         total=total, desc="tokenising", unit="rows", disable=not progress, dynamic_ncols=True
     ) as progress:
-        for split, rows in (("train", phase.train), ("eval", phase.eval)):
+        for split, rows in split_rows.items():
             start, stop = bounds[split]
             counts[split] = Counter(dict.fromkeys(TRUNCATION_COUNTS, 0))
             chunks = tokenize_chunks(tokenizer, rows[start:stop], max_seq_len)
