@@ -22,6 +22,7 @@ from tiny_models import make_tokenizer, write_tiny_pairs, write_tiny_ranked
 
 from training.data import load
 from training.data.cache import CACHE_ENV, MANIFEST, OWNER, resolve_cache_dir
+from training.data.collate import example_sequence_lengths
 from training.data.records import DataError, ListwiseOptions, example_comparisons, example_responses
 from training.data.rows import DataOptions, read_phase_rows
 from training.data.store import ExampleStore, IncompletePart, open_part, write_part
@@ -126,9 +127,41 @@ def test_store_gives_back_every_example_shape_exactly(tmp_path, tokenizer, every
             len(prompt) + sum(map(len, responses)) for prompt, responses in map(example_responses, expected)
         )
         assert store.has_groups and not ExampleStore.from_examples(expected[:1]).has_groups
+        assert store.sequence_lengths().tolist() == unshared_lengths(expected)
         with pytest.raises(IndexError):
             store[len(expected)]
     assert list(ExampleStore.from_examples(expected)) == expected
+
+
+def unshared_lengths(examples: list[dict]) -> list[int]:
+    """What `--group_by_length` sorts by, one example at a time."""
+    return [sum(example_sequence_lengths(example, share_prompt=False)) for example in examples]
+
+
+def test_sequence_lengths_equal_the_per_example_lengths(tmp_path):
+    pair = {"prompt_ids": [1, 5, 8], "chosen_ids": [6, 2], "rejected_ids": [7, 7, 7, 2], "margin": 0.5}
+    kwise = {
+        "prompt_ids": [1, 9],
+        "response_ids": [[4, 2], [2], [9, 9, 9, 2]],
+        "scores": [2.0, 0.0, 1.0],
+        "comparisons": [[0, 1], [0, 2], [2, 1]],
+    }
+    with_margins = {
+        "prompt_ids": [3],
+        "response_ids": [[4, 2], [5, 5, 2]],
+        "scores": [1.0, 0.0],
+        "comparisons": [[0, 1]],
+        "margins": [1.0],
+    }
+    no_prompt = {"prompt_ids": [], "chosen_ids": [6, 2], "rejected_ids": [2], "margin": None}
+    examples = [pair, kwise, with_margins, no_prompt, kwise, pair]
+    assert unshared_lengths(examples) == [12, 13, 7, 3, 13, 12]  # K * P + R_1 + ... + R_K
+    assert ExampleStore.from_examples(examples).sequence_lengths().tolist() == unshared_lengths(examples)
+    # several parts on disk, one of them empty
+    chunks = [examples[:2], [], examples[2:]]
+    store = ExampleStore([write_part(tmp_path / str(i), [chunk]) for i, chunk in enumerate(chunks)])
+    assert store.sequence_lengths().tolist() == unshared_lengths(examples)
+    assert ExampleStore([]).sequence_lengths().tolist() == []
 
 
 def test_loaded_stores_equal_the_in_memory_path_and_keep_the_statistics(tmp_path, tokenizer, every_shape):

@@ -22,7 +22,7 @@ from model_utils.distributed import rank, world_size
 from model_utils.hf_reward_model import last_token_index
 from training.arguments import TrainConfig
 from training.checkpointing import TrainState, checkpoint_tags, save_checkpoint
-from training.data.collate import example_sequence_lengths
+from training.data.store import ExampleStore
 from training.errors import TrainingError
 from training.layout import BatchLayout, Collator, batch_rewards
 from training.losses import center_rewards_loss, comparison_loss, divergence_span_loss, plackett_luce_loss
@@ -117,7 +117,7 @@ def run_evaluation(
 
 def train(
     engine,
-    train_examples: Sequence[dict],
+    train_examples: ExampleStore,
     eval_examples: Sequence[dict],
     collator: Collator,
     layout: BatchLayout,
@@ -132,11 +132,7 @@ def train(
     ranks, this_rank = world_size(), rank()
     accumulation = config.gradient_accumulation_steps
     # Tokens an example costs unpacked (the prompt once per response); what --group_by_length sorts by.
-    lengths = (
-        [sum(example_sequence_lengths(example, False)) for example in train_examples]
-        if config.group_by_length
-        else None
-    )
+    lengths = train_examples.sequence_lengths().tolist() if config.group_by_length else None
 
     def batches_of(epoch: int) -> list[list[int]]:
         return epoch_batches(

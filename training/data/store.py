@@ -94,6 +94,17 @@ class StorePart:
             example["margins"] = margins
         return example
 
+    def sequence_lengths(self) -> np.ndarray:
+        """int64[N]: each example's tokens with its prompt once per response, `K * P + R_1 + ... + R_K` (a pair
+        has K = 2), from the span arrays alone; `ExampleStore.sequence_lengths` says more."""
+        arrays = self.arrays
+        example_span_ends = arrays["example_span_ends"]
+        span_lengths = np.diff(arrays["span_ends"], prepend=0)
+        spans = np.diff(example_span_ends, prepend=0)  # the prompt's and the K responses'
+        prompt_lengths = span_lengths[example_span_ends - spans]
+        example_tokens = np.diff(arrays["span_ends"][example_span_ends - 1], prepend=0)
+        return example_tokens + (spans - 2) * prompt_lengths
+
 
 class PartWriter:
     """Appends tokenised examples to the arrays of one part: to files in `folder` (bounded memory), or, without a
@@ -241,6 +252,21 @@ class ExampleStore(Sequence):
         part = int(np.searchsorted(self._part_ends, index, side="right"))
         start = int(self._part_ends[part - 1]) if part else 0
         return self.parts[part].example(index - start)
+
+    def sequence_lengths(self) -> np.ndarray:
+        """int64[len(self)]: the tokens each example costs unpacked, its prompt once per response:
+        `sum(collate.example_sequence_lengths(store[i], share_prompt=False))` for every `i`, without building
+        the examples (what `--group_by_length` sorts by).
+
+        >>> ExampleStore.from_examples([
+        ...     {"prompt_ids": [1, 5], "chosen_ids": [6, 2], "rejected_ids": [7, 7, 2], "margin": None},
+        ...     {"prompt_ids": [1], "response_ids": [[4, 2], [2], [9, 2]], "scores": [2.0, 0.0, 1.0],
+        ...      "comparisons": [[0, 1]]}]).sequence_lengths().tolist()
+        [9, 8]
+        """
+        if not self.parts:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([part.sequence_lengths() for part in self.parts])
 
     @property
     def num_comparisons(self) -> int:
