@@ -2,7 +2,7 @@
 
     python benchmarks/bench_attention.py [--threads 2] [--heads 9] [--head_dim 64]
 
-What `model_utils.packed_attention.CPU_FP32_ATTENTION_MAX_KEYS` rests on: segment rows attend many short parts,
+What `model_utils.segment_attention.CPU_FP32_ATTENTION_MAX_KEYS` rests on: segment rows attend many short parts,
 and below some length the bf16 kernel costs more than casting to fp32 and back.
 """
 

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from benchmarks.bench_rm import load_pairs
-    from model_utils import create_critic_model, load_tokenizer, packed_attention
+    from model_utils import create_critic_model, load_tokenizer, segment_attention
     from model_utils.default_model import default_model_path
     from training.data.collate import PackedCollator
     from training.layout import MASK, SEGMENTS, BatchLayout, batch_rewards
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     model = create_critic_model(path, tokenizer, dtype=dtype).train()
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
 
-    packed_attention.use_segment_attention(model)
+    segment_attention.use_segment_attention(model)
     layouts = {"mask": (PackedCollator(tokenizer.pad_token_id, 2 * args.max_seq_len, True), None)}
     segment_collator = PackedCollator(tokenizer.pad_token_id, None, share_prompt=True, segment_attention=True)
     for block in (int(b) for b in args.blocks.split(",")):
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
             layout = BatchLayout(
                 packing=True, share_prompt=True, attention=MASK if name == "mask" else SEGMENTS
             )
-            with mock.patch.object(packed_attention, "SEGMENT_BLOCK_TOKENS", block or 0):
+            with mock.patch.object(segment_attention, "SEGMENT_BLOCK_TOKENS", block or 0):
                 chosen, rejected = batch_rewards(model, batch, layout).chunk(2)
             pairwise_loss(chosen.float(), rejected.float()).backward()
             model.zero_grad(set_to_none=True)

@@ -133,7 +133,7 @@ def run_project_worker(job: dict) -> dict:
     reward_model.train()
     attention = reward_model.config._attn_implementation
     if job["mode"] in ("pack", "pack+share"):
-        from model_utils.packed_attention import use_segment_attention
+        from model_utils.segment_attention import use_segment_attention
 
         use_segment_attention(reward_model)
     parameters = [parameter for parameter in reward_model.parameters() if parameter.requires_grad]

@@ -69,7 +69,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     from model_utils.default_model import default_model_path
     from model_utils.model_factory import create_critic_model
-    from model_utils.packed_attention import use_segment_attention
+    from model_utils.segment_attention import use_segment_attention
     from model_utils.tokenizer import load_tokenizer
     from training.arguments import parse_args
     from training.data.records import example_responses, num_comparisons

@@ -1,4 +1,4 @@
-"""The segment rows of `packed_attention.plan_segments` for the GPU attention kernels: a FlexAttention
+"""The segment rows of `segment_attention.plan_segments` for the GPU attention kernels: a FlexAttention
 `BlockMask` (packing and prompt sharing) and flash attention's varlen arguments (packing alone).
 
 `training/layout.py` builds these once per micro-batch for the FLEX and VARLEN layouts; the rule of which

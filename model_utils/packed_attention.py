@@ -1,4 +1,5 @@
-"""What a backbone needs to run packed rows: the capability check, segment attention, and switching to it.
+"""What a backbone needs to run packed rows: the capability checks, the rule of which token sees which, and the
+4D mask that says it.
 
 A packed row holds several sequences end to end, `position_ids` restarting at each. With prompt sharing a
 sequence is `prompt + response_1 + ... + response_K`: every response branch sees the prompt and itself, never
@@ -8,11 +9,9 @@ computes in `prompt + response_i` alone. Two ways to tell the backbone which tok
 - a 4D mask (`packed_attention_mask`, `backbone_attention_mask`): `[R, 1, L, L]`, handed to the backbone as
   `attention_mask`; transformers 5's `masking_utils.create_causal_mask` returns a 4D mask as is for `sdpa`
   (boolean, True = attend) and `eager` (additive float);
-- segment attention (`SEGMENT_ATTENTION`, sdpa backbones): one unpadded row and a `SegmentPlan`; attention runs
-  per sequence (`segment_attention_forward`), so it costs the sum of the squared sequence lengths instead of the
-  square of the row, and no `L x L` mask is built. The function is registered in transformers'
-  `AttentionInterface` by `use_segment_attention`, which switches a built model once; for any call without a
-  plan it IS sdpa, so the switched model scores padded batches as before.
+- segment attention (`SEGMENT_ATTENTION`, sdpa backbones; `segment_attention.py`): one unpadded row and a
+  `SegmentPlan`; attention runs per sequence, so it costs the sum of the squared sequence lengths instead of the
+  square of the row, and no `L x L` mask is built.
 
 Whether a backbone can take either is decided in two steps. `supports_packing` and `supports_segment_attention`
 read the config and refuse, with the reason, what cannot be exact: ALiBi (built from the 2D mask), bidirectional
@@ -29,15 +28,8 @@ part of its segment) and needs sdpa or eager with the 4D mask (or a flex-attenti
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-
 import torch
-from torch import nn
-from torch.nn import functional
-from transformers import AttentionInterface, PretrainedConfig
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers import PretrainedConfig
 
 # What a token is, for the rule "a branch sees the prompt and itself": 0 for prompt tokens and every token of
 # an unshared sequence, i >= 1 for the tokens of response branch i.
@@ -180,218 +172,3 @@ def backbone_attention_mask(mask: torch.Tensor, config: PretrainedConfig, dtype:
             ~mask, torch.finfo(dtype).min
         )
     return mask
-
-
-@dataclass(frozen=True)
-class SegmentPlan:
-    """How `segment_attention_forward` cuts a packed row, made once per forward by `plan_segments`.
-
-    `sizes` splits the row into parts; `steps[i]` says how part i attends: `("causal",)` (one sequence, or the
-    prompt + first branch of a shared sequence), `("branch", head, prefix, mask)` (a later branch: keys are the
-    first `prefix` keys of part `head` and its own), `("block", mask)` (several short sequences with a
-    block-diagonal mask: one SDPA call instead of one per sequence). `longest` is the most keys any query
-    attends to (a sequence, or a prompt + one branch): a sliding window at least that wide changes nothing.
-    """
-
-    sizes: list[int]
-    steps: list[tuple]
-    longest: int = 0
-
-
-# Sequences shorter than this are attended together in blocks of up to this many tokens: per-call overhead
-# outweighs the masked-out work below it (CPU, SmolLM2, bf16, 16 pairs of ~50 tokens: one call per sequence
-# 0.89x the 4D-mask rows, blocks of 128 1.03x; `python benchmarks/bench_layouts.py`).
-SEGMENT_BLOCK_TOKENS = 128
-
-
-def plan_segments(
-    segments: Sequence[Sequence[int]], device: torch.device, block_tokens: int | None = None
-) -> SegmentPlan:
-    """The `SegmentPlan` of a batch's `segments` rows `(start, prefix, branch_1, ..., branch_K)` (0 = no
-    branch; an unshared sequence is `(start, length, 0, ...)`), in row order; `block_tokens` defaults to
-    `SEGMENT_BLOCK_TOKENS` (0: every sequence on its own)."""
-    if block_tokens is None:
-        block_tokens = SEGMENT_BLOCK_TOKENS
-    blocks: list[list[tuple[int, list[int]]]] = []
-    block_length, longest = 0, 0
-    for _, prefix, *branches in segments:
-        branches = [length for length in branches if length]
-        length = prefix + sum(branches)
-        longest = max(longest, prefix + max(branches, default=0))
-        if not blocks or block_length + length > block_tokens:
-            blocks.append([])
-            block_length = 0
-        blocks[-1].append((prefix, branches))
-        block_length += length
-    sizes, steps = [], []
-    for block in blocks:
-        if len(block) == 1:
-            prefix, branches = block[0]
-            head = len(steps)
-            sizes.append(prefix + (branches[0] if branches else 0))
-            steps.append(("causal",))
-            for branch in branches[1:]:
-                mask = torch.ones(branch, prefix + branch, dtype=torch.bool, device=device).tril(prefix)
-                sizes.append(branch)
-                steps.append(("branch", head, prefix, mask))
-            continue
-        kinds = [
-            kind
-            for prefix, branches in block
-            for kind in [SHARED] * prefix + [i for i, length in enumerate(branches, 1) for _ in range(length)]
-        ]
-        lengths = torch.tensor([prefix + sum(branches) for prefix, branches in block])
-        sequence_id = torch.repeat_interleave(torch.arange(len(block)), lengths)
-        sizes.append(int(lengths.sum()))
-        steps.append(("block", packed_attention_mask(sequence_id, torch.tensor(kinds)).to(device)))
-    return SegmentPlan(sizes, steps, longest)
-
-
-# Keywords the decoder layers hand attention that segment attention may ignore: they carry no attention math
-# (`sliding_window` and `is_causal` are checked against the plan by `check_plan_arguments`).
-PASSIVE_ATTENTION_KEYWORDS = frozenset(
-    {"position_ids", "use_cache", "cache_position", "output_attentions", "sliding_window", "is_causal"}
-)
-
-
-def check_plan_arguments(module: nn.Module, plan: SegmentPlan, keywords: dict) -> None:
-    """Raise ValueError naming what segment attention cannot honour for this plan, where ignoring it would
-    change the rewards silently: a sliding window narrower than a sequence of the plan, a non-causal module,
-    and any other keyword with a value (`softcap`, `position_bias`, attention sinks, ...)."""
-    window = keywords.get("sliding_window")
-    if window is not None and window < plan.longest:
-        raise ValueError(
-            f"segment attention applies no window: sliding_window={window} is narrower than a sequence of "
-            f"{plan.longest} tokens"
-        )
-    if keywords.get("is_causal", getattr(module, "is_causal", True)) is False:
-        raise ValueError(f"segment attention is causal; {type(module).__name__} is not")
-    ignored = sorted(
-        name
-        for name, value in keywords.items()
-        if value is not None and name not in PASSIVE_ATTENTION_KEYWORDS
-    )
-    if ignored:
-        raise ValueError(
-            f"segment attention cannot apply {', '.join(ignored)} (given by {type(module).__name__})"
-        )
-
-
-# On CPU (torch 2.13) the bf16 flash-attention kernel's forward + backward is slower than fp32 for short parts of a
-# segment row and faster for long ones (2 threads, 9 heads of 64, causal, casts included, two runs: 64 keys 1.9-2.4x
-# the fp32 time, 128 keys 1.5-2.0x, 256 keys 0.8-1.2x, 384-2048 keys 0.7-0.95x; `python
-# benchmarks/bench_attention.py`). Parts with at most this many keys are attended in fp32 from the bf16 inputs: the
-# same softmax attention, rounded once at the output instead of inside the kernel. End to end (train_rm bf16,
-# SmolLM2-135M, hh, 4 pairs per step, most parts ~180 keys) fp32 parts took 7-14% off the step time in 3 quiet A/B
-# rounds (measured with the bound at 512; 256 is where the kernel microbenchmark crosses over).
-CPU_FP32_ATTENTION_MAX_KEYS = 256
-
-
-def attention_compute_dtype(query: torch.Tensor, num_keys: int) -> torch.dtype:
-    """The dtype one segment part is attended in: fp32 for a half-precision part on CPU with at most
-    `CPU_FP32_ATTENTION_MAX_KEYS` keys (faster there, see above), else the inputs' own dtype."""
-    if (
-        query.device.type == "cpu"
-        and query.dtype in (torch.bfloat16, torch.float16)
-        and num_keys <= CPU_FP32_ATTENTION_MAX_KEYS
-    ):
-        return torch.float32
-    return query.dtype
-
-
-def segment_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    rewardspeed_segments: SegmentPlan | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """Attention of a segment row: one SDPA per sequence (short ones in small blocks) instead of one masked
-    SDPA over the whole row, so the cost is about the sum of the squared sequence lengths, not the square of
-    their sum. The plan arrives as the `rewardspeed_segments` keyword, which the decoder layers hand through
-    to attention; without it (plain padded batches) this IS `sdpa`.
-
-    For a shared sequence `(start, prompt, branch_1, branch_2, ...)`: prompt + branch_1 attend causally among
-    themselves; every later branch attends to the prompt and causally to itself (keys = prompt + branch, mask
-    `tril(diagonal=prompt)`), exactly what `prompt + branch` alone computes for it.
-
-    Returns:
-        `([1, N, heads, head_dim], None)` as transformers' attention functions do.
-    """
-    if rewardspeed_segments is None:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
-    if query.shape[0] != 1:
-        raise ValueError(f"segment attention takes one packed row, got a batch of {query.shape[0]}")
-    plan = rewardspeed_segments
-    if sum(plan.sizes) != query.shape[2]:
-        raise ValueError(f"segments cover {sum(plan.sizes)} tokens, the row has {query.shape[2]}")
-    check_plan_arguments(module, plan, kwargs)
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # grouped-query attention: every query head gets its key/value head
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    dropout = dropout if module.training else 0.0
-    # Split (not slice) the row: the backward of a split is one concatenation, where every slice's backward
-    # would write a zero-filled tensor of the whole row.
-    queries, keys, values = (tensor.split(plan.sizes, dim=2) for tensor in (query, key, value))
-    outputs = []
-    for part, step in enumerate(plan.steps):
-        part_queries, part_keys, part_values, options = queries[part], keys[part], values[part], {}
-        if step[0] == "causal":
-            options["is_causal"] = True
-        elif step[0] == "branch":
-            _, head, prefix, options["attn_mask"] = step
-            part_keys = torch.cat([keys[head][:, :, :prefix], part_keys], dim=2)
-            part_values = torch.cat([values[head][:, :, :prefix], part_values], dim=2)
-        else:
-            options["attn_mask"] = step[1]
-        compute_dtype = attention_compute_dtype(part_queries, part_keys.shape[2])
-        output = functional.scaled_dot_product_attention(
-            part_queries.to(compute_dtype),
-            part_keys.to(compute_dtype),
-            part_values.to(compute_dtype),
-            dropout_p=dropout,
-            scale=scaling,
-            **options,
-        )
-        outputs.append(output.to(query.dtype))
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
-
-
-def register_segment_attention() -> None:
-    """Make `SEGMENT_ATTENTION` known to transformers (idempotent): the attention function, and sdpa's mask
-    builder for it (an all-ones 2D mask becomes None, so no `L x L` mask is built)."""
-    AttentionInterface.register(SEGMENT_ATTENTION, segment_attention_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(SEGMENT_ATTENTION, sdpa_mask)
-
-
-def use_segment_attention(reward_model: nn.Module) -> None:
-    """Switch an sdpa backbone to `SEGMENT_ATTENTION` (a no-op when it already is; plain batches compute the
-    same either way). Raises ValueError for other attention implementations, naming them."""
-    attention = reward_model.config._attn_implementation
-    if attention == SEGMENT_ATTENTION:
-        return
-    if attention != "sdpa":
-        raise ValueError(
-            f"segment attention needs attn_implementation='sdpa', the backbone has {attention!r}; "
-            "collate without segment attention (a 4D mask) instead"
-        )
-    register_segment_attention()
-    reward_model.backbone.set_attn_implementation(SEGMENT_ATTENTION)
-    # transformers only warns when a model cannot switch; the row would then attend across sequences.
-    if reward_model.config._attn_implementation != SEGMENT_ATTENTION:
-        raise ValueError(
-            f"{type(reward_model.backbone).__name__} did not switch to {SEGMENT_ATTENTION!r} attention; "
-            "collate without segment attention (a 4D mask) instead"
-        )
-
-
-def stop_segment_attention(reward_model: nn.Module) -> None:
-    """Switch a backbone from `SEGMENT_ATTENTION` back to sdpa (a no-op for any other attention)."""
-    if reward_model.config._attn_implementation == SEGMENT_ATTENTION:
-        reward_model.backbone.set_attn_implementation("sdpa")

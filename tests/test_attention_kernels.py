@@ -153,7 +153,7 @@ def test_every_layout_on_cuda_equals_the_padded_batch(attention, dtype):
         expected = batch_rewards(reference, _cuda(padded.collator(PAD)(examples)), padded)
         for layout in GPU_LAYOUTS[attention][1]:
             if layout.attention == SEGMENTS:
-                from model_utils.packed_attention import use_segment_attention
+                from model_utils.segment_attention import use_segment_attention
 
                 use_segment_attention(model)
             got = batch_rewards(model, _cuda(layout.collator(PAD)(examples)), layout)

@@ -17,8 +17,8 @@ from launch_utils import read_metrics, run_command, torchrun, train_rm_args
 from tiny_models import make_tokenizer, save_tiny_backbone, tiny_config, write_tiny_pairs, write_tiny_ranked
 from transformers import AutoModel
 
-from model_utils import RewardModel, packed_attention
-from model_utils.packed_attention import use_segment_attention
+from model_utils import RewardModel, segment_attention
+from model_utils.segment_attention import use_segment_attention
 from training.data import DataError, load_preference_data, read_preference_rows
 from training.data.collate import PackedCollator, PaddedCollator
 from training.data.records import ListwiseOptions, RankedRow
@@ -234,7 +234,7 @@ def test_every_layout_scores_each_response_as_if_alone(architecture):
             use_segment_attention(model)
         batch = layout.collator(PAD)(examples)
         model.zero_grad(set_to_none=True)
-        with mock.patch.object(packed_attention, "SEGMENT_BLOCK_TOKENS", block_tokens or 0):
+        with mock.patch.object(segment_attention, "SEGMENT_BLOCK_TOKENS", block_tokens or 0):
             rewards = batch_rewards(model, batch, layout)
         torch.testing.assert_close(
             rewards, expected.float(), atol=TOLERANCE, rtol=0, msg=f"{architecture} {name}"

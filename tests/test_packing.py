@@ -12,8 +12,9 @@ from launch_utils import SCRIPTS, read_rank_results, torchrun
 from tiny_models import ARCHITECTURES, save_tiny_backbone, tiny_config, tokenizer_dir
 from transformers import AttentionInterface, AutoModel, GPT2Config
 
-from model_utils import RewardModel, packed_attention
-from model_utils.packed_attention import supports_packing, use_segment_attention
+from model_utils import RewardModel, packed_attention, segment_attention
+from model_utils.packed_attention import supports_packing
+from model_utils.segment_attention import use_segment_attention
 from training.arguments import TrainConfig
 from training.data.collate import PackedCollator, PaddedCollator, pack_lengths
 from training.errors import ConfigError
@@ -87,7 +88,7 @@ def segment_blocks(block_tokens: int | None):
     """Segment attention with blocks of `block_tokens` (None: the default) inside the `with`."""
     if block_tokens is None:
         return contextlib.nullcontext()
-    return mock.patch.object(packed_attention, "SEGMENT_BLOCK_TOKENS", block_tokens)
+    return mock.patch.object(segment_attention, "SEGMENT_BLOCK_TOKENS", block_tokens)
 
 
 def tokens_computed(batch: dict[str, torch.Tensor]) -> int:
@@ -176,7 +177,7 @@ def test_segment_attention_is_one_unpadded_row_and_attends_per_sequence(monkeypa
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("rewardspeed_segments"))
-        return packed_attention.segment_attention_forward(*args, **kwargs)
+        return segment_attention.segment_attention_forward(*args, **kwargs)
 
     use_segment_attention(model)
     monkeypatch.setitem(AttentionInterface._global_mapping, packed_attention.SEGMENT_ATTENTION, counting)
@@ -199,7 +200,7 @@ def test_segment_attention_is_one_unpadded_row_and_attends_per_sequence(monkeypa
 def test_segment_plan_blocks_short_sequences_and_keeps_long_ones_alone():
     # (start, prefix, first, second): a shared pair of 9 tokens, two sequences of 3 and 4, a long shared pair.
     segments = [(0, 4, 2, 3), (9, 3, 0, 0), (12, 4, 0, 0), (16, 10, 5, 6)]
-    plan = packed_attention.plan_segments(segments, torch.device("cpu"), block_tokens=16)
+    plan = segment_attention.plan_segments(segments, torch.device("cpu"), block_tokens=16)
     assert plan.sizes == [16, 15, 6]  # block of the first three; the long pair as prompt+chosen, rejected
     assert [step[0] for step in plan.steps] == ["block", "causal", "branch"]
     block = plan.steps[0][1]
@@ -207,7 +208,7 @@ def test_segment_plan_blocks_short_sequences_and_keeps_long_ones_alone():
     assert not block[6:9, 4:6].any() and block[6:9, :4].all()  # rejected: the prompt yes, the chosen no
     _, head, prefix, branch = plan.steps[2]
     assert (head, prefix) == (1, 10) and torch.equal(branch, torch.ones(6, 16, dtype=torch.bool).tril(10))
-    alone = packed_attention.plan_segments(segments, torch.device("cpu"), block_tokens=0)
+    alone = segment_attention.plan_segments(segments, torch.device("cpu"), block_tokens=0)
     assert [step[0] for step in alone.steps] == ["causal", "branch", "causal", "causal", "causal", "branch"]
 
 
@@ -334,56 +335,3 @@ def test_segment_attention_on_cuda_equals_the_padded_batch(dtype):
                 chosen, rejected = packed_rewards(model, batch)
             got = torch.cat([chosen, rejected]).float()
             torch.testing.assert_close(got, expected, atol=tolerance, rtol=0, msg=f"blocks of {block_tokens}")
-
-
-def test_short_bf16_parts_attend_in_fp32_on_cpu_and_long_ones_in_bf16():
-    """CPU bf16: parts up to CPU_FP32_ATTENTION_MAX_KEYS keys are attended in fp32 (the bf16 inputs' exact
-    attention, rounded once), longer ones by the bf16 kernel; both agree with fp32 attention within bf16 rounding."""
-    bound = packed_attention.CPU_FP32_ATTENTION_MAX_KEYS
-    generator = torch.Generator().manual_seed(0)
-    short, long = 40, bound + 8
-    query, key, value = (
-        torch.randn(1, 2, short + long, 8, generator=generator).to(torch.bfloat16) for _ in range(3)
-    )
-    plan = packed_attention.plan_segments([[0, short, 0], [short, long, 0]], query.device, block_tokens=0)
-    module = torch.nn.Module().eval()
-    output, _ = packed_attention.segment_attention_forward(
-        module, query, key, value, None, rewardspeed_segments=plan
-    )
-    assert output.dtype == torch.bfloat16 and output.shape == (1, short + long, 2, 8)
-
-    def attend(dtype, part):
-        span = slice(0, short) if part == 0 else slice(short, short + long)
-        inputs = (tensor[:, :, span].to(dtype) for tensor in (query, key, value))
-        result = torch.nn.functional.scaled_dot_product_attention(*inputs, is_causal=True)
-        return result.to(torch.bfloat16).transpose(1, 2)
-
-    torch.testing.assert_close(output[:, :short], attend(torch.float32, 0), atol=0, rtol=0)
-    torch.testing.assert_close(output[:, short:], attend(torch.bfloat16, 1), atol=0, rtol=0)
-    torch.testing.assert_close(output[:, short:].float(), attend(torch.float32, 1).float(), atol=2e-2, rtol=0)
-    assert packed_attention.attention_compute_dtype(query, bound) == torch.float32
-    assert packed_attention.attention_compute_dtype(query, bound + 1) == torch.bfloat16
-    assert packed_attention.attention_compute_dtype(query.float(), 4) == torch.float32
-
-
-def test_the_fp32_choice_counts_a_branch_part_s_keys_not_its_queries():
-    """A later branch of a shared sequence attends the prompt too: with few queries but more keys than the bound,
-    it takes the bf16 kernel (equal to SDPA over prompt + branch in bf16 with the branch mask)."""
-    bound = packed_attention.CPU_FP32_ATTENTION_MAX_KEYS
-    prefix, first, second = bound - 10, 6, 20  # the second branch: 20 queries over bound + 10 keys
-    generator = torch.Generator().manual_seed(1)
-    query, key, value = (
-        torch.randn(1, 2, prefix + first + second, 8, generator=generator).to(torch.bfloat16)
-        for _ in range(3)
-    )
-    plan = packed_attention.plan_segments([[0, prefix, first, second]], query.device, block_tokens=0)
-    output, _ = packed_attention.segment_attention_forward(
-        torch.nn.Module().eval(), query, key, value, None, rewardspeed_segments=plan
-    )
-    branch = slice(prefix + first, prefix + first + second)
-    keys, values = (torch.cat([t[:, :, :prefix], t[:, :, branch]], dim=2) for t in (key, value))
-    mask = torch.ones(second, prefix + second, dtype=torch.bool).tril(diagonal=prefix)
-    expected = torch.nn.functional.scaled_dot_product_attention(
-        query[:, :, branch], keys, values, attn_mask=mask
-    )
-    torch.testing.assert_close(output[:, branch], expected.transpose(1, 2), atol=0, rtol=0)

@@ -21,15 +21,14 @@ from transformers import (
     SmolLM3Config,
 )
 
-from model_utils import RewardModel, kernel_attention, packed_attention
+from model_utils import RewardModel, kernel_attention, packed_attention, segment_attention
 from model_utils.packed_attention import (
     SEGMENT_ATTENTION,
     attention_window,
-    plan_segments,
-    segment_attention_forward,
     supports_packing,
     supports_segment_attention,
 )
+from model_utils.segment_attention import plan_segments, segment_attention_forward
 from training import probe
 from training.arguments import TrainConfig
 from training.data.collate import PaddedCollator
@@ -169,7 +168,7 @@ def test_probe_pairs_cover_the_edge_shapes_and_fit_the_run():
         assert any(p == 0 for p, _, _ in shapes) and any(c == r == 1 for _, c, r in shapes)
         assert all(7 not in pair["prompt_ids"] + pair["chosen_ids"] + pair["rejected_ids"] for pair in pairs)
     longest = max(p + c + r for p, c, r in shapes)
-    assert longest > packed_attention.SEGMENT_BLOCK_TOKENS  # planned alone: the causal + branch steps too
+    assert longest > segment_attention.SEGMENT_BLOCK_TOKENS  # planned alone: the causal + branch steps too
     assert probe_pairs(64, 50, 7) == probe_pairs(64, 50, 7)
 
 
@@ -222,5 +221,5 @@ def test_bf16_tolerance_keeps_exact_layouts_and_rejects_wrong_ones():
 
 
 def test_docstring_examples():
-    for module in (packed_attention, kernel_attention, probe):
+    for module in (packed_attention, segment_attention, kernel_attention, probe):
         assert doctest.testmod(module).failed == 0, module.__name__

@@ -34,10 +34,10 @@ from model_utils.packed_attention import (
     FLASH_ATTENTIONS,
     FLEX_ATTENTION,
     backbone_attention_mask,
-    plan_segments,
     supports_packing,
     supports_segment_attention,
 )
+from model_utils.segment_attention import plan_segments
 from training.arguments import TrainConfig
 from training.data.collate import PackedCollator, PaddedCollator
 from training.errors import ConfigError

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from model_utils.packed_attention import SEGMENT_BLOCK_TOKENS, stop_segment_attention, use_segment_attention
+from model_utils.segment_attention import SEGMENT_BLOCK_TOKENS, stop_segment_attention, use_segment_attention
 from training.arguments import TrainConfig
 from training.errors import ConfigError
 from training.layout import SEGMENTS, BatchLayout, batch_rewards, layout_candidates, on_flags

@@ -23,8 +23,8 @@ init_distributed()
 
 import deepspeed  # noqa: E402
 
-from model_utils import create_critic_model, load_tokenizer, packed_attention  # noqa: E402
-from model_utils.packed_attention import use_segment_attention  # noqa: E402
+from model_utils import create_critic_model, load_tokenizer, segment_attention  # noqa: E402
+from model_utils.segment_attention import use_segment_attention  # noqa: E402
 from training.arguments import TrainConfig  # noqa: E402
 from training.layout import MASK, PADDED, SEGMENTS, BatchLayout, batch_rewards  # noqa: E402
 from training.losses import pairwise_loss  # noqa: E402
@@ -104,9 +104,9 @@ def main() -> None:
         "segments_alone": segments,  # one SDPA per sequence
         "probed": segments,  # the probe's choice, after segment attention refused midway
     }
-    default_block_tokens = packed_attention.SEGMENT_BLOCK_TOKENS
+    default_block_tokens = segment_attention.SEGMENT_BLOCK_TOKENS
     for name, layout in runs.items():
-        packed_attention.SEGMENT_BLOCK_TOKENS = 0 if name == "segments_alone" else default_block_tokens
+        segment_attention.SEGMENT_BLOCK_TOKENS = 0 if name == "segments_alone" else default_block_tokens
         config = ds_config(args.stage, args.accumulation)
         reward_model = create_critic_model(args.model_dir, tokenizer, config, dropout=0.0)
         torch.manual_seed(1)  # the head is created outside zero.Init: the same on every rank and run
@@ -116,11 +116,11 @@ def main() -> None:
         optimizer = torch.optim.AdamW(reward_model.parameters(), lr=1e-3, weight_decay=0.0)
         engine, *_ = deepspeed.initialize(model=reward_model, optimizer=optimizer, config=config)
         if name == "probed":
-            passive = packed_attention.PASSIVE_ATTENTION_KEYWORDS
-            packed_attention.PASSIVE_ATTENTION_KEYWORDS = passive - {"position_ids"}
+            passive = segment_attention.PASSIVE_ATTENTION_KEYWORDS
+            segment_attention.PASSIVE_ATTENTION_KEYWORDS = passive - {"position_ids"}
             mask = BatchLayout(packing=True, share_prompt=True, attention=MASK, max_tokens_per_row=16)
             layout = probe_layout(engine, [layout, mask], TrainConfig(max_seq_len=8), pad_token_id=0)
-            packed_attention.PASSIVE_ATTENTION_KEYWORDS = passive
+            segment_attention.PASSIVE_ATTENTION_KEYWORDS = passive
             results["probed_layout"] = layout.describe()
         results[name] = train(engine, layout, args.micro_steps, vocab)
         engine.destroy()

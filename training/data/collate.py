@@ -188,7 +188,7 @@ class PackedCollator:
         pad_to_multiple_of: round the row length up to a multiple of this.
         segment_attention: lay every sequence of the batch end to end in ONE row (no padding at all) and
             describe them by `segments` instead of a 4D mask; the backbone then attends within each sequence
-            only (`model_utils.packed_attention.segment_attention_forward`). `max_tokens_per_row` and
+            only (`model_utils.segment_attention.segment_attention_forward`). `max_tokens_per_row` and
             `pad_to_multiple_of` do not apply.
 
     Returns (from `__call__`, for N responses packed into R rows of L tokens):
