@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -49,9 +50,11 @@ class SegmentPlan:
     # Additive float masks by (part, dtype), made on first use: the CPU kernel takes no boolean mask.
     additive_masks: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def additive_mask(self, part: int, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Part `part`'s boolean `mask` as 0 where attended and -inf elsewhere, in `dtype` (made once per plan)."""
+    def additive_mask(self, part: int, dtype: torch.dtype) -> torch.Tensor:
+        """Part `part`'s boolean mask (the last item of its step) as 0 where attended and -inf elsewhere, in
+        `dtype` (made once per plan)."""
         if (part, dtype) not in self.additive_masks:
+            mask = self.steps[part][-1]
             additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
             self.additive_masks[part, dtype] = additive.masked_fill(~mask, float("-inf"))
         return self.additive_masks[part, dtype]
@@ -200,7 +203,7 @@ def attention_parts(
         elif step[0] == "block":
             mask = step[1]
         if additive and mask is not None:
-            mask = plan.additive_mask(part, mask, dtype)
+            mask = plan.additive_mask(part, dtype)
         yield AttentionPart(queries[part], part_keys, part_values, step[0] == "causal", mask)
 
 
@@ -211,15 +214,21 @@ CPU_FLASH_ATTENTION_BACKWARD = getattr(
 )
 
 
-def cpu_kernel_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> bool:
-    """Whether `CpuSegmentAttention` may run: CPU tensors, no dropout, one head size for query, key and value, and
-    the flash kernel available and not turned off (SDPA falls back to its math kernel otherwise; so do we)."""
+def cpu_kernel_applies(
+    plan: SegmentPlan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float
+) -> bool:
+    """Whether `CpuSegmentAttention` may run: CPU tensors, no dropout, no autocast (the direct kernel call would not
+    be cast as SDPA is), one head size for query, key and value with unit stride, no empty part, and the flash
+    kernel available and not turned off (SDPA falls back to its math kernel otherwise; so do we)."""
     return (
         CPU_FLASH_ATTENTION is not None
         and query.device.type == "cpu"
         and dropout == 0.0
+        and not torch.is_autocast_enabled("cpu")
         and query.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
         and query.shape[-1] == key.shape[-1] == value.shape[-1]
+        and all(tensor.stride(-1) == 1 for tensor in (query, key, value))
+        and min(plan.sizes, default=0) > 0
         and torch.backends.cuda.flash_sdp_enabled()  # the one switch for the flash kernel, CPU included
     )
 
@@ -232,7 +241,7 @@ class CpuSegmentAttention(torch.autograd.Function):
     its prompt's keys/values to the prompt's, and sums a key/value head's over the query heads it served."""
 
     @staticmethod
-    def forward(ctx, query, key, value, plan: SegmentPlan, scaling: float):
+    def forward(ctx, query, key, value, plan: SegmentPlan, scaling: float | None):
         outputs, logsumexps = [], []
         for part in attention_parts(plan, query, key, value, additive=True):
             output, logsumexp = CPU_FLASH_ATTENTION(
@@ -245,6 +254,7 @@ class CpuSegmentAttention(torch.autograd.Function):
         return torch.cat([output.to(query.dtype) for output in outputs], dim=2)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
         query, key, value, *saved = ctx.saved_tensors
         plan, count = ctx.plan, len(ctx.plan.sizes)
@@ -258,8 +268,8 @@ class CpuSegmentAttention(torch.autograd.Function):
             )  # fmt: skip
             if step[0] == "branch":  # the prompt's keys: the first `prefix` of part `head`
                 _, head, prefix, _ = step
-                grad_keys[head][:, :, :prefix] += grad_key[:, :, :prefix]
-                grad_values[head][:, :, :prefix] += grad_value[:, :, :prefix]
+                grad_keys[head][:, :, :prefix].add_(grad_key[:, :, :prefix])
+                grad_values[head][:, :, :prefix].add_(grad_value[:, :, :prefix])
                 grad_key, grad_value = grad_key[:, :, prefix:], grad_value[:, :, prefix:]
             grad_queries.append(grad_query)
             grad_keys.append(grad_key)
@@ -307,8 +317,7 @@ def segment_attention_forward(
         raise ValueError(f"segments cover {sum(plan.sizes)} tokens, the row has {query.shape[2]}")
     check_plan_arguments(module, plan, kwargs)
     dropout = dropout if module.training else 0.0
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    if cpu_kernel_applies(query, key, value, dropout):
+    if cpu_kernel_applies(plan, query, key, value, dropout):
         output = CpuSegmentAttention.apply(query, key, value, plan, scaling)
     else:
         output = torch.cat(

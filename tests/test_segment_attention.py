@@ -7,14 +7,23 @@ import pytest
 import torch
 
 from model_utils import segment_attention
-from model_utils.segment_attention import plan_segments, segment_attention_forward
+from model_utils.segment_attention import cpu_kernel_applies, plan_segments, segment_attention_forward
 
 HEADS, KEY_HEADS, HEAD_DIM = 6, 2, 8
-# (start, prefix, branch_1, ...): a prompt with three branches, an unshared sequence, a pair with an empty
-# prompt, a short shared sequence, and a long branch whose part has more keys than the CPU fp32 bound.
-LONG = segment_attention.CPU_FP32_ATTENTION_MAX_KEYS + 20
-SEGMENTS = [(0, 20, 30, 25, 7), (82, 0, 40, 0, 0), (122, 5, 3, LONG, 0), (130 + LONG, 3, 4, 5, 0)]
-ROW = 142 + LONG
+# (start, prefix, branch_1, ...): a prompt with three branches, an unshared sequence (the two share a block of
+# 128 tokens), a short prompt whose second branch has more keys than the CPU fp32 bound (bf16 in bf16), a short
+# shared sequence, and a long prompt whose first part is bf16 and whose second branch (230 keys) is fp32.
+BOUND = segment_attention.CPU_FP32_ATTENTION_MAX_KEYS
+LONG = BOUND + 20
+SEGMENTS = [
+    (0, 20, 30, 25, 7),
+    (82, 0, 40, 0, 0),
+    (122, 5, 3, LONG, 0),
+    (130 + LONG, 3, 4, 5, 0),
+    (142 + LONG, 200, 80, 30, 0),
+]
+ROW = 452 + LONG
+BF16_TOKENS = LONG + 280  # tokens of the parts attended in bf16 when the row is bf16
 
 
 def row_inputs(dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,12 +57,13 @@ def attend(inputs, plan, fused: bool, monkeypatch) -> tuple[torch.Tensor, tuple[
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("block_tokens", [0, 64])
+@pytest.mark.parametrize("block_tokens", [0, 128])
 def test_cpu_function_equals_per_part_sdpa_in_outputs_and_gradients(dtype, block_tokens, monkeypatch):
     """The CPU function runs the kernels per-part SDPA runs, so outputs are equal bit for bit; gradients differ
     only in the order a prompt's key/value gradients are summed over its branches and a key head's over its query
     heads."""
     plan = plan_segments(SEGMENTS, torch.device("cpu"), block_tokens=block_tokens)
+    assert ("block" in [step[0] for step in plan.steps]) == bool(block_tokens)
     inputs = row_inputs(dtype)
     fused_output, fused_grads = attend(inputs, plan, True, monkeypatch)
     sdpa_output, sdpa_grads = attend(inputs, plan, False, monkeypatch)
@@ -87,10 +97,10 @@ def test_cpu_function_keeps_no_per_branch_copies_for_backward(monkeypatch):
 
     for dtype in (torch.float32, torch.bfloat16):
         row = sum(tensor.nbytes for tensor in row_inputs(dtype))
-        # Outputs in the attention dtype (fp32 for short bf16 parts on CPU, bf16 for the long one) and one fp32
+        # Outputs in the attention dtype (fp32 for short bf16 parts on CPU, bf16 for the long ones) and one fp32
         # log-sum-exp per query and head.
-        long_part = LONG * HEADS * HEAD_DIM
-        outputs = (ROW * HEADS * HEAD_DIM - long_part) * 4 + long_part * dtype.itemsize + ROW * HEADS * 4
+        half = BF16_TOKENS * HEADS * HEAD_DIM
+        outputs = (ROW * HEADS * HEAD_DIM - half) * 4 + half * dtype.itemsize + ROW * HEADS * 4
         assert saved_bytes(True, dtype) == row + outputs, dtype
         assert saved_bytes(False, dtype) > row + outputs, dtype
 
@@ -144,3 +154,18 @@ def test_the_fp32_choice_counts_a_branch_part_s_keys_not_its_queries():
         query[:, :, branch], keys, values, attn_mask=mask
     )
     torch.testing.assert_close(output[:, branch], expected.transpose(1, 2), atol=0, rtol=0)
+
+
+def test_cpu_function_runs_only_where_sdpa_would_run_the_same_kernel():
+    plan = plan_segments(SEGMENTS, torch.device("cpu"), block_tokens=0)
+    query, key, value = (tensor.detach() for tensor in row_inputs(torch.float32))
+    assert cpu_kernel_applies(plan, query, key, value, 0.0)
+    assert not cpu_kernel_applies(plan, query, key, value, 0.1)  # dropout: per-part SDPA
+    assert not cpu_kernel_applies(plan, query, key, value[..., :4], 0.0)  # value heads of another size
+    assert not cpu_kernel_applies(plan, query, key.transpose(2, 3).contiguous().transpose(2, 3), value, 0.0)
+    empty = plan_segments([(0, 0, 0, 0)], torch.device("cpu"))
+    assert empty.sizes == [0] and not cpu_kernel_applies(
+        empty, query[:, :, :0], key[:, :, :0], value[:, :, :0], 0.0
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not cpu_kernel_applies(plan, query, key, value, 0.0)

@@ -7,7 +7,7 @@
 Layouts (`BatchLayout.attention` says how the backbone is told which token sees which):
 - `padded`: one padded row per response (`PaddedCollator`; pairs: chosen rows first); any backbone, any loss.
 - `segments`: packing on an sdpa backbone: the whole micro-batch in ONE unpadded row, attention per sequence
-  (`model_utils/packed_attention.py`, segment attention); with prompt sharing, one sequence per prompt holding
+  (`model_utils/segment_attention.py`, segment attention); with prompt sharing, one sequence per prompt holding
   all its responses (K branches).
 - `mask`: packing or sharing on an eager backbone (or one that keeps the segment plan from attention), or
   sharing without packing: rows with a block-diagonal 4D mask (`PackedCollator` without segments).
