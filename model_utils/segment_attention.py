@@ -170,6 +170,9 @@ class AttentionPart(NamedTuple):
     value: torch.Tensor
     is_causal: bool
     mask: torch.Tensor | None  # boolean, True = attend; or the plan's additive mask (`additive` below)
+    # A later branch: its keys start with the first `prompt_tokens` keys of part `prompt_part` (0 and -1 otherwise).
+    prompt_part: int = -1
+    prompt_tokens: int = 0
 
 
 def attention_parts(
@@ -195,7 +198,7 @@ def attention_parts(
     }
     for part, (step, dtype) in enumerate(zip(plan.steps, dtypes, strict=True)):
         queries, keys, values = rows[dtype]
-        part_keys, part_values, mask = keys[part], values[part], None
+        part_keys, part_values, mask, head, prefix = keys[part], values[part], None, -1, 0
         if step[0] == "branch":
             _, head, prefix, mask = step
             part_keys = torch.cat([keys[head][:, :, :prefix], part_keys], dim=2)
@@ -204,7 +207,7 @@ def attention_parts(
             mask = step[1]
         if additive and mask is not None:
             mask = plan.additive_mask(part, dtype)
-        yield AttentionPart(queries[part], part_keys, part_values, step[0] == "causal", mask)
+        yield AttentionPart(queries[part], part_keys, part_values, step[0] == "causal", mask, head, prefix)
 
 
 # The kernel SDPA runs on CPU, called directly for its log-sum-exp and its backward (`CpuSegmentAttention`).
@@ -261,16 +264,18 @@ class CpuSegmentAttention(torch.autograd.Function):
         grad_queries, grad_keys, grad_values = [], [], []
         parts = attention_parts(plan, query, key, value, additive=True)
         grads = grad_output.split(plan.sizes, dim=2)
-        for index, (part, step, grad) in enumerate(zip(parts, plan.steps, grads, strict=True)):
+        for index, (part, grad) in enumerate(zip(parts, grads, strict=True)):
             grad_query, grad_key, grad_value = CPU_FLASH_ATTENTION_BACKWARD(
                 grad.to(part.query.dtype), part.query, part.key, part.value, saved[index],
                 saved[count + index], 0.0, part.is_causal, attn_mask=part.mask, scale=ctx.scaling,
             )  # fmt: skip
-            if step[0] == "branch":  # the prompt's keys: the first `prefix` of part `head`
-                _, head, prefix, _ = step
-                grad_keys[head][:, :, :prefix].add_(grad_key[:, :, :prefix])
-                grad_values[head][:, :, :prefix].add_(grad_value[:, :, :prefix])
-                grad_key, grad_value = grad_key[:, :, prefix:], grad_value[:, :, prefix:]
+            if (
+                part.prompt_tokens
+            ):  # a later branch: the gradient of its prompt's keys goes to the prompt's part
+                prompt, tokens = part.prompt_part, part.prompt_tokens
+                grad_keys[prompt][:, :, :tokens].add_(grad_key[:, :, :tokens])
+                grad_values[prompt][:, :, :tokens].add_(grad_value[:, :, :tokens])
+                grad_key, grad_value = grad_key[:, :, tokens:], grad_value[:, :, tokens:]
             grad_queries.append(grad_query)
             grad_keys.append(grad_key)
             grad_values.append(grad_value)
