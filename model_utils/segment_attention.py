@@ -18,8 +18,9 @@ activation memory per token than pairs do. Other devices call SDPA per part.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -139,31 +140,29 @@ def check_plan_arguments(module: nn.Module, plan: SegmentPlan, keywords: dict) -
         )
 
 
-# On CPU (torch 2.13) the bf16 flash-attention kernel's forward + backward is slower than fp32 for short parts of a
-# segment row and faster for long ones (2 threads, 9 heads of 64, causal, casts included, two runs: 64 keys 1.9-2.4x
-# the fp32 time, 128 keys 1.5-2.0x, 256 keys 0.8-1.2x, 384-2048 keys 0.7-0.95x; `python
-# benchmarks/bench_attention.py`). Parts with at most this many keys are attended in fp32 from the bf16 inputs: the
-# same softmax attention, rounded once at the output instead of inside the kernel. End to end (train_rm bf16,
-# SmolLM2-135M, hh, 4 pairs per step, most parts ~180 keys) fp32 parts took 7-14% off the step time in 3 quiet A/B
-# rounds (measured with the bound at 512; 256 is where the kernel microbenchmark crosses over).
-CPU_FP32_ATTENTION_MAX_KEYS = 256
+# On CPU (torch 2.13, 2 threads, 9 heads of 64, causal; `python benchmarks/bench_attention.py`) the bf16 flash
+# kernel's forward takes 0.41-0.81x fp32's time at every part size (64-2048 keys), but its backward is slower for
+# short parts: 3.0x fp32's (casts included) at 64 keys, 2.3x at 128, about even at 256-512, 0.82-0.89x at 768-2048.
+# `CpuSegmentAttention` therefore runs every part's forward in the inputs' dtype (the kernel per-part SDPA runs) and
+# the backward of a half-precision part with at most this many keys in fp32, from the same inputs, the saved
+# output and its fp32 log-sum-exp (the gradient of the same attention, rounded once at the end). End to end
+# (SmolLM2-135M bf16, one forward + loss + backward, interleaved, medians of 4-6 rounds): against the former rule
+# (fp32 forward and backward up to 256 keys) 0.91x the time on a K-wise row of 5,292 tokens at max_seq_len 512 and
+# 0.93x on hh pairs of 1,500 tokens; against bounds of 256 / 384 on the K-wise row, 0.90x / 0.95x.
+CPU_FP32_BACKWARD_MAX_KEYS = 512
 
 
-def attention_compute_dtype(query: torch.Tensor, num_keys: int) -> torch.dtype:
-    """The dtype one segment part is attended in: fp32 for a half-precision part on CPU with at most
-    `CPU_FP32_ATTENTION_MAX_KEYS` keys (faster there, see above), else the inputs' own dtype."""
-    if (
-        query.device.type == "cpu"
-        and query.dtype in (torch.bfloat16, torch.float16)
-        and num_keys <= CPU_FP32_ATTENTION_MAX_KEYS
-    ):
+def cpu_backward_dtype(query: torch.Tensor, num_keys: int) -> torch.dtype:
+    """The dtype `CpuSegmentAttention` runs one part's backward in: fp32 for a half-precision part with at most
+    `CPU_FP32_BACKWARD_MAX_KEYS` keys (faster there, see above), else the inputs' own dtype."""
+    if query.dtype in (torch.bfloat16, torch.float16) and num_keys <= CPU_FP32_BACKWARD_MAX_KEYS:
         return torch.float32
     return query.dtype
 
 
 class AttentionPart(NamedTuple):
     """One SDPA call of a segment row: the part's queries and the keys/values it attends, with the key/value
-    heads expanded to the query heads and in the dtype it is attended in (`attention_compute_dtype`)."""
+    heads expanded to the query heads, in the dtype `attention_parts` was asked for."""
 
     query: torch.Tensor
     key: torch.Tensor
@@ -176,12 +175,18 @@ class AttentionPart(NamedTuple):
 
 
 def attention_parts(
-    plan: SegmentPlan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, additive: bool = False
+    plan: SegmentPlan,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    additive: bool = False,
+    dtype_of: Callable[[int], torch.dtype] | None = None,
 ) -> Iterator[AttentionPart]:
     """The parts of a segment row in plan order (`[1, heads, tokens, head_dim]` inputs, `key`/`value` with their
     own, possibly fewer, heads). A later branch's keys are the prompt's keys (the first `prefix` of part `head`)
-    followed by its own; `additive` gives masks as the CPU kernel takes them. Head expansion and casts run once
-    on the whole row (a row has tens of parts: per-part copies cost more in calls than in bytes)."""
+    followed by its own; `additive` gives masks as the CPU kernel takes them; `dtype_of(keys)` the dtype a part
+    with that many keys is given in (default: the inputs' own). Head expansion and casts run once on the whole
+    row (a row has tens of parts: per-part copies cost more in calls than in bytes)."""
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: every query head gets its key/value head
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
@@ -189,7 +194,7 @@ def attention_parts(
         size + (step[2] if step[0] == "branch" else 0)
         for size, step in zip(plan.sizes, plan.steps, strict=True)
     ]
-    dtypes = [attention_compute_dtype(query, count) for count in key_counts]
+    dtypes = [query.dtype if dtype_of is None else dtype_of(count) for count in key_counts]
     # Split (not slice) the row: the backward of a split is one concatenation, where every slice's backward
     # would write a zero-filled tensor of the whole row.
     rows = {
@@ -237,11 +242,12 @@ def cpu_kernel_applies(
 
 
 class CpuSegmentAttention(torch.autograd.Function):
-    """Segment attention on CPU, `[1, heads, L, head_dim]` -> `[1, heads, L, head_dim]`, with the kernel calls and
-    results of per-part SDPA. Saved for backward: the row's query and grouped key/value (as given), and each part's
-    output and log-sum-exp. The backward forms every part's inputs again (head expansion, cast, prompt
-    concatenation: copies, no attention math), runs the kernel's backward per part, adds a branch's gradient of
-    its prompt's keys/values to the prompt's, and sums a key/value head's over the query heads it served."""
+    """Segment attention on CPU, `[1, heads, L, head_dim]` -> `[1, heads, L, head_dim]`: the forward makes the kernel
+    calls of per-part SDPA, with its results. Saved for backward: the row's query and grouped key/value (as given),
+    and each part's output and log-sum-exp. The backward forms every part's inputs again (head expansion, cast
+    to `cpu_backward_dtype`, prompt concatenation: copies, no attention math), runs the kernel's backward per part,
+    adds a branch's gradient of its prompt's keys/values to the prompt's (in fp32), and sums a key/value head's
+    over the query heads it served."""
 
     @staticmethod
     def forward(ctx, query, key, value, plan: SegmentPlan, scaling: float | None):
@@ -254,7 +260,7 @@ class CpuSegmentAttention(torch.autograd.Function):
             logsumexps.append(logsumexp)
         ctx.plan, ctx.scaling = plan, scaling
         ctx.save_for_backward(query, key, value, *outputs, *logsumexps)
-        return torch.cat([output.to(query.dtype) for output in outputs], dim=2)
+        return torch.cat(outputs, dim=2)
 
     @staticmethod
     @once_differentiable
@@ -262,13 +268,17 @@ class CpuSegmentAttention(torch.autograd.Function):
         query, key, value, *saved = ctx.saved_tensors
         plan, count = ctx.plan, len(ctx.plan.sizes)
         grad_queries, grad_keys, grad_values = [], [], []
-        parts = attention_parts(plan, query, key, value, additive=True)
+        parts = attention_parts(plan, query, key, value, True, partial(cpu_backward_dtype, query))
         grads = grad_output.split(plan.sizes, dim=2)
+        prompts = {step[1] for step in plan.steps if step[0] == "branch"}  # parts later branches add to
         for index, (part, grad) in enumerate(zip(parts, grads, strict=True)):
+            dtype = part.query.dtype
             grad_query, grad_key, grad_value = CPU_FLASH_ATTENTION_BACKWARD(
-                grad.to(part.query.dtype), part.query, part.key, part.value, saved[index],
+                grad.to(dtype), part.query, part.key, part.value, saved[index].to(dtype),
                 saved[count + index], 0.0, part.is_causal, attn_mask=part.mask, scale=ctx.scaling,
             )  # fmt: skip
+            if index in prompts:
+                grad_key, grad_value = grad_key.float(), grad_value.float()
             if (
                 part.prompt_tokens
             ):  # a later branch: the gradient of its prompt's keys goes to the prompt's part
@@ -279,7 +289,7 @@ class CpuSegmentAttention(torch.autograd.Function):
             grad_queries.append(grad_query)
             grad_keys.append(grad_key)
             grad_values.append(grad_value)
-        grad_key, grad_value = torch.cat(grad_keys, dim=2), torch.cat(grad_values, dim=2)
+        grad_key, grad_value = torch.cat(grad_keys, dim=2), torch.cat(grad_values, dim=2)  # the widest dtype
         if query.shape[1] != key.shape[1]:  # a key/value head served `groups` query heads
             grad_key, grad_value = (
                 grad.unflatten(1, (key.shape[1], -1)).sum(2) for grad in (grad_key, grad_value)
@@ -329,7 +339,7 @@ def segment_attention_forward(
             [
                 functional.scaled_dot_product_attention(
                     part.query, part.key, part.value, part.mask, dropout, part.is_causal, scale=scaling
-                ).to(query.dtype)
+                )
                 for part in attention_parts(plan, query, key, value)
             ],
             dim=2,
