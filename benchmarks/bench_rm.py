@@ -401,9 +401,10 @@ def run_config(config: dict, args: argparse.Namespace, prepared: dict, work: Pat
 
 
 def measure_peak(args: argparse.Namespace, work: Path, round_index: int) -> dict:
+    """Measure the matmul peak now (a few seconds), never from a file of an earlier invocation: the peak moves
+    with the machine, and a stale one was once reported beside new times."""
     out = work / f"r{round_index}-matmul.json"
-    if out.exists():
-        return json.loads(out.read_text())
+    out.unlink(missing_ok=True)
     command = [
         sys.executable,
         str(Path(__file__).resolve()),
