@@ -277,8 +277,9 @@ class CpuSegmentAttention(torch.autograd.Function):
                 grad.to(dtype), part.query, part.key, part.value, saved[index].to(dtype),
                 saved[count + index], 0.0, part.is_causal, attn_mask=part.mask, scale=ctx.scaling,
             )  # fmt: skip
-            if index in prompts:
-                grad_key, grad_value = grad_key.float(), grad_value.float()
+            if index in prompts:  # at least fp32 (float64 stays float64)
+                wide = torch.promote_types(grad_key.dtype, torch.float32)
+                grad_key, grad_value = grad_key.to(wide), grad_value.to(wide)
             if (
                 part.prompt_tokens
             ):  # a later branch: the gradient of its prompt's keys goes to the prompt's part

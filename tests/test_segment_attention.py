@@ -55,7 +55,7 @@ def attend(inputs, plan, fused: bool, monkeypatch) -> tuple[torch.Tensor, tuple[
     return output, torch.autograd.grad(output, inputs, grad)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_tokens", [0, 128])
 def test_cpu_function_equals_per_part_sdpa_in_outputs_and_gradients(dtype, block_tokens, monkeypatch):
     """The CPU function's forward runs the kernels per-part SDPA runs, so outputs are equal bit for bit; gradients
@@ -68,7 +68,7 @@ def test_cpu_function_equals_per_part_sdpa_in_outputs_and_gradients(dtype, block
     sdpa_output, sdpa_grads = attend(inputs, plan, False, monkeypatch)
     assert fused_output.dtype == dtype and fused_output.shape == (1, ROW, HEADS, HEAD_DIM)
     torch.testing.assert_close(fused_output, sdpa_output, atol=0, rtol=0)
-    tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 5e-2)
     for name, fused, sdpa in zip(("query", "key", "value"), fused_grads, sdpa_grads, strict=True):
         assert fused.dtype == dtype and fused.shape == sdpa.shape, name
         torch.testing.assert_close(fused.float(), sdpa.float(), atol=tolerance, rtol=0, msg=name)
