@@ -270,20 +270,19 @@ class CpuSegmentAttention(torch.autograd.Function):
         grad_queries, grad_keys, grad_values = [], [], []
         parts = attention_parts(plan, query, key, value, True, partial(cpu_backward_dtype, query))
         grads = grad_output.split(plan.sizes, dim=2)
-        prompts = {step[1] for step in plan.steps if step[0] == "branch"}  # parts later branches add to
         for index, (part, grad) in enumerate(zip(parts, grads, strict=True)):
             dtype = part.query.dtype
             grad_query, grad_key, grad_value = CPU_FLASH_ATTENTION_BACKWARD(
                 grad.to(dtype), part.query, part.key, part.value, saved[index].to(dtype),
                 saved[count + index], 0.0, part.is_causal, attn_mask=part.mask, scale=ctx.scaling,
             )  # fmt: skip
-            if index in prompts:  # at least fp32 (float64 stays float64)
-                wide = torch.promote_types(grad_key.dtype, torch.float32)
-                grad_key, grad_value = grad_key.to(wide), grad_value.to(wide)
-            if (
-                part.prompt_tokens
-            ):  # a later branch: the gradient of its prompt's keys goes to the prompt's part
+            # A later branch: the gradient of its prompt's keys goes to the prompt's part, summed over the
+            # branches in at least fp32 (a no-op once widened, and for fp32/float64).
+            if part.prompt_tokens:
                 prompt, tokens = part.prompt_part, part.prompt_tokens
+                wide = torch.promote_types(grad_keys[prompt].dtype, torch.float32)
+                grad_keys[prompt] = grad_keys[prompt].to(wide)
+                grad_values[prompt] = grad_values[prompt].to(wide)
                 grad_keys[prompt][:, :, :tokens].add_(grad_key[:, :, :tokens])
                 grad_values[prompt][:, :, :tokens].add_(grad_value[:, :, :tokens])
                 grad_key, grad_value = grad_key[:, :, tokens:], grad_value[:, :, tokens:]
