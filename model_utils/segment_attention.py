@@ -145,10 +145,10 @@ def check_plan_arguments(module: nn.Module, plan: SegmentPlan, keywords: dict) -
 # short parts: 3.0x fp32's (casts included) at 64 keys, 2.3x at 128, about even at 256-512, 0.82-0.89x at 768-2048.
 # `CpuSegmentAttention` therefore runs every part's forward in the inputs' dtype (the kernel per-part SDPA runs) and
 # the backward of a half-precision part with at most this many keys in fp32, from the same inputs, the saved
-# output and its fp32 log-sum-exp (the gradient of the same attention, rounded once at the end). End to end
-# (SmolLM2-135M bf16, one forward + loss + backward, interleaved, medians of 4-6 rounds): against the former rule
-# (fp32 forward and backward up to 256 keys) 0.91x the time on a K-wise row of 5,292 tokens at max_seq_len 512 and
-# 0.93x on hh pairs of 1,500 tokens; against bounds of 256 / 384 on the K-wise row, 0.90x / 0.95x.
+# output and its fp32 log-sum-exp (the gradient of the same attention, rounded once at the end). One forward + loss
+# + backward of SmolLM2-135M bf16 (`python benchmarks/bench_cpu_step.py bound --data_dir /tmp/kwise-data`, 4
+# interleaved rounds, medians of per-round ratios): every backward in bf16 (bound 0) takes 1.21x this bound's time
+# on a K-wise row of 5,292 tokens at max_seq_len 512 and on hh pairs of 1,443 tokens; a bound of 256 1.08x / 1.06x.
 CPU_FP32_BACKWARD_MAX_KEYS = 512
 
 
