@@ -29,7 +29,7 @@ if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))
 
 import bench_rm  # noqa: E402
-import kwise_memory  # noqa: E402  (the equal-token row selection)
+import bench_segment_function  # noqa: E402  (the model and its segment row)
 
 if str(bench_rm.REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(bench_rm.REPO_ROOT))
@@ -37,35 +37,11 @@ if str(bench_rm.REPO_ROOT) not in sys.path:
 
 def build(data_path: str, budget: int):
     """(step function, tokens): one forward + loss + backward of the default model on about `budget` tokens."""
-    import torch
-
-    from model_utils import segment_attention
-    from model_utils.default_model import default_model_path
-    from model_utils.model_factory import create_critic_model
-    from model_utils.tokenizer import load_tokenizer
-    from training.arguments import parse_args
-    from training.layout import SEGMENTS, BatchLayout
-    from training.sampling import epoch_order
-    from training.train_rm import load_data
     from training.trainer import compute_loss
 
-    config = parse_args(
-        [
-            "--data_path", data_path, "--max_seq_len", "512", "--min_score_gap", "0.1", "--listwise_loss",
-            "pairs", "--skip_invalid_rows", "--dtype", "bf16", "--output_dir", "/tmp/unused-bench-cpu-step",
-        ]
-    )  # fmt: skip
-    model_path = default_model_path()
-    tokenizer = load_tokenizer(model_path)
-    data = load_data(config, tokenizer)
-    layout = BatchLayout(packing=True, share_prompt=True, attention=SEGMENTS)
-    order = epoch_order(len(data.train), 0, config.seed, 1)
-    batch = layout.collator(tokenizer.pad_token_id)(kwise_memory.select(data.train, order, budget, 0.9))
-    model = create_critic_model(
-        model_path, tokenizer, dtype=torch.bfloat16, attn_implementation="sdpa", head_seed=config.seed
+    model, batch, layout, config = bench_segment_function.segment_row(
+        data_path, budget, "bf16", 512, allow_prompt_truncation=False
     )
-    segment_attention.use_segment_attention(model)
-    model.train()
 
     def step() -> float:
         start = time.perf_counter()

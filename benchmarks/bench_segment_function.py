@@ -32,7 +32,11 @@ if str(bench_rm.REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(bench_rm.REPO_ROOT))
 
 
-def measure(data_path: str, budget: int, dtype: str, max_seq_len: int, rounds: int) -> dict:
+def segment_row(
+    data_path: str, budget: int, dtype: str, max_seq_len: int, allow_prompt_truncation: bool = True
+):
+    """(model, batch, layout, config): SmolLM2-135M in the layout train_rm takes (packing, prompt sharing, segment
+    attention) and one segment row of about `budget` tokens of `data_path` (`kwise_memory.select`)."""
     import torch
 
     from model_utils import segment_attention
@@ -43,13 +47,13 @@ def measure(data_path: str, budget: int, dtype: str, max_seq_len: int, rounds: i
     from training.layout import SEGMENTS, BatchLayout
     from training.sampling import epoch_order
     from training.train_rm import load_data
-    from training.trainer import compute_loss
 
     config = parse_args(
         [
             "--data_path", data_path, "--max_seq_len", str(max_seq_len), "--min_score_gap", "0.1",
-            "--listwise_loss", "pairs", "--allow_prompt_truncation", "--skip_invalid_rows", "--dtype", dtype,
+            "--listwise_loss", "pairs", "--skip_invalid_rows", "--dtype", dtype,
             "--output_dir", "/tmp/unused-bench-segment-function",
+            *(["--allow_prompt_truncation"] if allow_prompt_truncation else []),
         ]
     )  # fmt: skip
     model_path = default_model_path()
@@ -64,6 +68,16 @@ def measure(data_path: str, budget: int, dtype: str, max_seq_len: int, rounds: i
     )
     segment_attention.use_segment_attention(model)
     model.train()
+    return model, batch, layout, config
+
+
+def measure(data_path: str, budget: int, dtype: str, max_seq_len: int, rounds: int) -> dict:
+    import torch
+
+    from model_utils import segment_attention
+    from training.trainer import compute_loss
+
+    model, batch, layout, config = segment_row(data_path, budget, dtype, max_seq_len)
     parameters = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
 
     def step(fused: bool, count_saved: bool = False) -> tuple[float, int]:
