@@ -86,6 +86,52 @@ def attention_window(config: PretrainedConfig) -> tuple[str, int] | None:
     return min(windows, key=lambda window: window[1]) if windows else None
 
 
+def length_switched_rope(config: PretrainedConfig) -> tuple[str, str, int] | None:
+    """(rope type, setting, tokens) when the backbone's rotary frequencies change for a whole forward pass once its
+    longest position passes `tokens`, else None. transformers picks them from `max(position_ids)` of the pass:
+    `longrope` (Phi-3.5, Phi-4-mini: the long factors past `original_max_position_embeddings`) and `dynamic` NTK
+    scaling (past `max_position_embeddings`; it also keeps the grown scale for later, shorter passes). Read from
+    `rope_parameters` (transformers 5, also per layer type) or `rope_scaling` (4.x).
+
+    >>> from transformers import LlamaConfig
+    >>> length_switched_rope(LlamaConfig(rope_parameters={"rope_type": "dynamic", "factor": 2.0}))
+    ('dynamic', 'max_position_embeddings', 2048)
+    """
+    parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not isinstance(parameters, dict):
+        return None
+    nested = parameters and all(isinstance(value, dict) for value in parameters.values())
+    switches = []
+    for entry in parameters.values() if nested else [parameters]:
+        rope_type = entry.get("rope_type", entry.get("type")) or ""
+        if rope_type == "longrope":
+            setting = "original_max_position_embeddings"
+            tokens = entry.get(setting) or getattr(config, setting, None) or config.max_position_embeddings
+        elif "dynamic" in rope_type:
+            setting, tokens = "max_position_embeddings", config.max_position_embeddings
+        else:
+            continue
+        switches.append((rope_type, setting, int(tokens)))
+    return min(switches, key=lambda switch: switch[2]) if switches else None
+
+
+def rope_batch_dependence(config: PretrainedConfig, longest_sequence: int) -> str:
+    """Why rewards of this backbone depend on what a sequence is batched with, in any layout, when sequences of
+    `longest_sequence` tokens pass its rope switch (`length_switched_rope`); "" when they cannot."""
+    switch = length_switched_rope(config)
+    if switch is None or switch[2] >= longest_sequence:
+        return ""
+    rope_type, setting, tokens = switch
+    history = " and on earlier, longer passes" if "dynamic" in rope_type else ""
+    return (
+        f"{config.model_type}: rope_type {rope_type!r} changes the rotary frequencies of every sequence in a forward "
+        f"pass once one of them is longer than {setting}={tokens} tokens, and --max_seq_len allows "
+        f"{longest_sequence}: a reward then depends on the sequences batched with it{history} (transformers "
+        f"applies one frequency set per pass, padded or packed alike); --max_seq_len {tokens} keeps rewards "
+        "independent"
+    )
+
+
 def supports_packing(config: PretrainedConfig, longest_sequence: int) -> tuple[bool, str]:
     """Whether packed / prompt-shared rows CAN give the plain batch's rewards on this backbone, read from its
     config; the start-up probe (`training/probe.py`) then checks that they do, on the model itself.

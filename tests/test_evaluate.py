@@ -172,3 +172,39 @@ def test_multi_split_folder_is_refused_until_a_split_is_named(setup, tmp_path, c
     ):
         assert main([*model, source]) == 0
         assert final_record(capsys)["num_pairs"] == num_pairs, source
+
+
+def test_a_backbone_whose_rope_switches_with_the_batch_is_named_on_stderr(tmp_path, capsys):
+    """Dynamic NTK rope past `max_position_embeddings` makes a reward depend on its evaluation batch: said on
+    stderr, and the evaluation still runs; not said where `--max_seq_len` stays within the switch."""
+    from tiny_models import make_tokenizer, tiny_config
+    from transformers import AutoModel
+
+    rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    base = str(tmp_path / "base")
+    AutoModel.from_config(
+        tiny_config("llama", max_position_embeddings=8, rope_parameters=rope)
+    ).save_pretrained(base)
+    tokenizer = make_tokenizer(with_pad=True)
+    reward_model = create_critic_model(base, tokenizer, dropout=0.0)
+    folder = save_reward_model(reward_model, tokenizer, str(tmp_path / "dynamic"), "hf")
+    data_path = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    for max_seq_len, warning in (
+        (32, "max_position_embeddings=8 tokens, and --max_seq_len allows 32"),
+        (8, None),
+    ):
+        arguments = [
+            "--model_name_or_path",
+            folder,
+            "--data_path",
+            data_path,
+            "--max_seq_len",
+            str(max_seq_len),
+        ]
+        assert main(arguments) == 0
+        error = capsys.readouterr().err
+        if warning:
+            assert error.count("rewardspeed-evaluate: warning: llama: rope_type 'dynamic'") == 1, error
+            assert warning in error and "and on earlier, longer passes" in error, error
+        else:
+            assert "rope_type" not in error, error

@@ -14,8 +14,11 @@ from transformers import (
     Gemma3TextConfig,
     GPTNeoConfig,
     Llama4TextConfig,
+    LlamaConfig,
     MistralConfig,
     MptConfig,
+    Phi3Config,
+    PretrainedConfig,
     Qwen2Config,
     Qwen3MoeConfig,
     SmolLM3Config,
@@ -25,6 +28,8 @@ from model_utils import RewardModel, kernel_attention, packed_attention, segment
 from model_utils.packed_attention import (
     SEGMENT_ATTENTION,
     attention_window,
+    length_switched_rope,
+    rope_batch_dependence,
     supports_packing,
     supports_segment_attention,
 )
@@ -83,6 +88,90 @@ def test_a_window_as_wide_as_the_longest_sequence_is_exact_and_one_token_less_is
         differences[window] = float((packed - expected).abs().max())
         assert supports_packing(model.config, longest_sequence=16)[0] is (window == 16)
     assert differences[16] < 1e-5 and differences[15] > 1e-2, differences
+
+
+def legacy_rope_scaling(**rope_scaling) -> PretrainedConfig:
+    config = PretrainedConfig(max_position_embeddings=64)
+    config.rope_scaling = rope_scaling  # transformers 4.x names it so; 5.x reads it into rope_parameters
+    return config
+
+
+# A 2-layer Phi-3 whose rope switches to 4x long factors past 16 positions.
+LONGROPE = {
+    "original_max_position_embeddings": 16,
+    "rope_parameters": {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0] * 4,
+        "long_factor": [4.0] * 4,
+        "original_max_position_embeddings": 16,
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("config", "switch"),
+    [
+        (LlamaConfig(), None),
+        (LlamaConfig(rope_parameters={"rope_type": "yarn", "factor": 4.0}), None),  # fixed frequencies
+        (
+            LlamaConfig(rope_parameters={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=512),
+            ("dynamic", "max_position_embeddings", 512),
+        ),
+        (Phi3Config(), None),  # Phi-3-mini-4k: no rope scaling
+        (tiny_config("phi3", **LONGROPE), ("longrope", "original_max_position_embeddings", 16)),
+        (
+            Gemma3TextConfig(
+                rope_parameters={
+                    "full_attention": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                }
+            ),
+            ("dynamic", "max_position_embeddings", 131072),
+        ),
+        (legacy_rope_scaling(type="dynamic", factor=2.0), ("dynamic", "max_position_embeddings", 64)),
+        (legacy_rope_scaling(rope_type="linear", factor=2.0), None),
+    ],
+    ids=lambda value: type(value).__name__ if not isinstance(value, tuple | type(None)) else str(value),
+)
+def test_length_switched_rope_reads_every_way_a_config_says_it(config, switch):
+    assert length_switched_rope(config) == switch
+
+
+def test_a_longrope_reward_depends_on_its_batch_past_the_switch_in_every_layout_and_the_run_says_so(caplog):
+    """transformers picks a longrope backbone's frequencies from the longest position of the forward pass: a short
+    pair batched with one longer than `original_max_position_embeddings` gets the long factors. Padded or packed
+    alike, so the probe (which compares the two) cannot see it; the start-up log names it instead."""
+    model = build("phi3", **LONGROPE).eval()
+    short, long = make_pairs([(3, 4, 5)]), make_pairs([(6, 10, 8)], seed=1)  # 9 and 16 tokens at most
+    longer = make_pairs([(6, 11, 8)], seed=1)  # 17 tokens: one past the switch
+    segments = BatchLayout(packing=True, share_prompt=True, attention=SEGMENTS)
+    segment_attention.register_segment_attention()
+
+    def short_rewards(pairs: list[dict], layout: BatchLayout) -> torch.Tensor:
+        model.backbone.set_attn_implementation(
+            packed_attention.SEGMENT_ATTENTION if layout.attention == SEGMENTS else "sdpa"
+        )
+        with torch.no_grad():
+            rewards = batch_rewards(model, layout.collator(PAD)(pairs), layout)
+        return rewards.view(2, -1)[:, 0]  # chosen and rejected of the first pair
+
+    alone = short_rewards(short, BatchLayout())
+    for layout in (BatchLayout(), segments):
+        assert (short_rewards(short + long, layout) - alone).abs().max() < 1e-5
+        assert (short_rewards(short + longer, layout) - alone).abs().max() > 1e-3
+    model.backbone.set_attn_implementation("sdpa")
+
+    with caplog.at_level("WARNING", logger="training.probe"):
+        choose_layout(TrainConfig(max_seq_len=16), model, PAD)
+        assert not caplog.records
+        choose_layout(TrainConfig(max_seq_len=32), model, PAD)
+    [record] = caplog.records
+    assert record.getMessage() == rope_batch_dependence(model.config, 32)
+    assert record.getMessage().startswith(
+        "phi3: rope_type 'longrope' changes the rotary frequencies of every sequence in a forward pass once one of "
+        "them is longer than original_max_position_embeddings=16 tokens, and --max_seq_len allows 32"
+    )
 
 
 def test_static_refusals_name_the_reason():

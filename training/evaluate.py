@@ -254,6 +254,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate / score / plot as asked; returns the final JSON record."""
     from model_utils.model_factory import load_reward_model
+    from model_utils.packed_attention import rope_batch_dependence
     from training.data.records import DataError, ListwiseOptions
     from training.data.sources import looks_local, parse_source
     from training.data.tokenize import tokenize_rows
@@ -285,6 +286,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         examples, _ = tokenize_rows(tokenizer, evaluation_rows(args.data_path, listwise), args.max_seq_len)
         if not examples:  # e.g. every row a tie
             raise DataError(f"{', '.join(args.data_path)}: no preference pairs to evaluate")
+        if dependence := rope_batch_dependence(reward_model.config, args.max_seq_len):
+            print(f"rewardspeed-evaluate: warning: {dependence}", file=sys.stderr)
         table = example_rewards(
             reward_model, examples, tokenizer.pad_token_id, args.per_device_eval_batch_size, args.padding_side
         )

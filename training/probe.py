@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from model_utils.packed_attention import rope_batch_dependence
 from model_utils.segment_attention import SEGMENT_BLOCK_TOKENS, stop_segment_attention, use_segment_attention
 from training.arguments import TrainConfig
 from training.errors import ConfigError
@@ -176,11 +177,15 @@ def probe_layout(
 
 def choose_layout(config: TrainConfig, engine, pad_token_id: int) -> BatchLayout:
     """The layout the run trains with, chosen once after `deepspeed.initialize` on every rank: the fastest
-    candidate the probe proves exact on this model, else padded; logged in one line with the reason. Leaves
-    the backbone switched to segment attention when that is the layout."""
-    candidates, reason = layout_candidates(config, getattr(engine, "module", engine).config)
+    candidate the probe proves exact on this model, else padded; logged in one line with the reason (and a
+    warning when the backbone's rope makes rewards depend on their batch at this `max_seq_len`, which no layout
+    changes). Leaves the backbone switched to segment attention when that is the layout."""
+    backbone_config = getattr(engine, "module", engine).config
+    candidates, reason = layout_candidates(config, backbone_config)
     layout = (
         probe_layout(engine, candidates, config, pad_token_id) if candidates else BatchLayout(reason=reason)
     )
     logger.info("batch layout: %s", layout.describe())
+    if dependence := rope_batch_dependence(backbone_config, config.max_seq_len):
+        logger.warning(dependence)
     return layout
