@@ -1,0 +1,152 @@
+"""Every causal-LM family of the installed transformers, built tiny from one set of generic settings, through the
+start-up probe: the layout it keeps, and whether that layout gives the padded batch's rewards on pairs the probe
+never scored.
+
+    python tests/scripts/backbone_sweep.py RESULTS.json [FAMILY ...]
+
+A family of the wide table (`tests/tiny_models.py`) is built with its settings there. RESULTS.json gets
+`{family: {"status": "layout" | "skipped" | "error", ...}}`: for a layout, its `attention`, `packing`,
+`share_prompt`, `reason` (the start-up log's), the largest |reward difference| on the unseen pairs and their reward
+`scale` (the largest |padded reward|, at least 1); for a skip, `why` (an encoder-decoder, settings the family refuses or that do not build,
+a model over `MAX_PARAMETERS` with them, a padded forward that fails); an error is anything raised once the
+padded forward worked (the start-up would crash where it should choose a layout). Each family runs in a forked child with a
+memory limit and an alarm, so a family that allocates much or hangs costs only its own entry.
+"""
+
+import json
+import os
+import resource
+import signal
+import sys
+
+import torch
+
+torch.set_num_threads(1)  # before any parallel region: a forked child must not inherit an OpenMP pool
+
+from transformers import AutoConfig, AutoModel  # noqa: E402
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from test_packing import make_pairs  # noqa: E402
+from tiny_models import BACKBONES, tiny_config  # noqa: E402
+
+from model_utils import RewardModel  # noqa: E402
+from training.arguments import TrainConfig  # noqa: E402
+from training.data.collate import PaddedCollator  # noqa: E402
+from training.layout import BatchLayout, batch_rewards  # noqa: E402
+from training.probe import choose_layout  # noqa: E402
+
+PAD = 2
+# One set of small settings under every name families use for them; a family ignores the names it lacks.
+GENERIC = {
+    "vocab_size": 44,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "pad_token_id": None,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "intermediate_size": 64,
+    "max_position_embeddings": 128,
+    "n_embd": 32,
+    "n_layer": 2,
+    "n_head": 4,
+    "n_inner": 64,
+    "n_positions": 128,
+    "d_model": 32,
+    "num_layers": 2,
+    "ffn_dim": 64,
+    "moe_intermediate_size": 16,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_routed_experts": 4,
+    "attention_dropout": 0.0,
+    "hidden_dropout": 0.0,
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+}
+MAX_PARAMETERS = 20_000_000
+MAX_SEQ_LEN = 32
+# Not the probe's pairs (`training.probe.probe_pairs`): other lengths, another seed.
+UNSEEN_SHAPES = [(3, 4, 5), (0, 6, 2), (7, 3, 3), (11, 9, 12), (1, 1, 1)]
+
+
+def first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"[:300]
+
+
+def sweep_family(family: str) -> dict:
+    try:  # the wide table's own settings where it has them (tests/tiny_models.py), else the generic ones
+        config = tiny_config(family) if family in BACKBONES else AutoConfig.for_model(family, **GENERIC)
+    except Exception as error:  # a family's own validation of the generic settings
+        return {"status": "skipped", "why": f"settings refused: {first_line(error)}"}
+    if getattr(config, "is_encoder_decoder", False):
+        return {"status": "skipped", "why": "encoder-decoder"}
+    try:
+        with torch.device("meta"):
+            size = sum(parameter.numel() for parameter in AutoModel.from_config(config).parameters())
+    except Exception as error:
+        return {"status": "skipped", "why": f"does not build: {first_line(error)}"}
+    if size > MAX_PARAMETERS:
+        return {"status": "skipped", "why": f"{size / 1e6:.0f}M parameters with the generic settings"}
+    torch.manual_seed(0)
+    try:
+        model = RewardModel(AutoModel.from_config(config, dtype=torch.float32)).eval()
+        torch.nn.init.normal_(model.v_head.weight, std=0.5)  # rewards far from 0, so differences show
+        pairs = make_pairs(UNSEEN_SHAPES, seed=7)
+        with torch.no_grad():
+            expected = batch_rewards(model, PaddedCollator(PAD)(pairs), BatchLayout())
+    except Exception as error:
+        return {"status": "skipped", "why": f"padded forward fails: {first_line(error)}"}
+    layout = choose_layout(TrainConfig(max_seq_len=MAX_SEQ_LEN), model, PAD)
+    with torch.no_grad():
+        rewards = batch_rewards(model, layout.collator(PAD)(pairs), layout)
+    return {
+        "status": "layout",
+        "attention": layout.attention,
+        "packing": layout.packing,
+        "share_prompt": layout.share_prompt,
+        "reason": layout.reason,
+        "difference": float((rewards - expected).abs().max()),
+        "scale": max(1.0, float(expected.abs().max())),
+    }
+
+
+def in_child(family: str, timeout_s: int = 120, memory_gib: int = 12) -> dict:
+    """`sweep_family(family)` in a forked child (memory limit, alarm); its death is the family's entry."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one family, its JSON down the pipe
+        os.close(read_end)
+        limit = memory_gib * 2**30
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        signal.alarm(timeout_s)
+        try:
+            result = sweep_family(family)
+        except BaseException as error:  # noqa: BLE001 - anything is the family's result, not the sweep's end
+            result = {"status": "error", "why": first_line(error)}
+        with os.fdopen(write_end, "w") as pipe:
+            json.dump(result, pipe)
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        text = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    if not text:
+        return {"status": "skipped", "why": f"child died (wait status {status}): out of memory or time"}
+    return json.loads(text)
+
+
+def main() -> None:
+    output, families = sys.argv[1], sys.argv[2:] or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    results = {family: in_child(family) for family in families}
+    with open(output, "w", encoding="utf-8") as file:
+        json.dump(results, file, indent=1)
+
+
+if __name__ == "__main__":
+    main()
