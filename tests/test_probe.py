@@ -8,7 +8,7 @@ import doctest
 import pytest
 import torch
 from test_packing import make_pairs
-from tiny_models import tiny_config
+from tiny_models import generic_config, tiny_config
 from transformers import (
     AutoModel,
     Gemma3TextConfig,
@@ -293,7 +293,7 @@ def test_a_layout_the_probe_cannot_prove_falls_back_under_auto_and_stops_under_o
     mask = BatchLayout(packing=True, share_prompt=True, attention=MASK, max_tokens_per_row=64)
     layout = probe_layout(model, [mask], TrainConfig(max_seq_len=32), PAD)
     assert layout.attention == PADDED and "no fast layout gives the padded rewards" in layout.reason
-    assert float(layout.reason.split("mask max diff ")[1].split(";")[0]) > 0.05
+    assert float(layout.reason.split("mask max diff ")[1].split(",")[0]) > 0.05
     with pytest.raises(ConfigError, match=r"--packing on: no fast layout .* mask max diff .* tolerance"):
         probe_layout(model, [mask], TrainConfig(max_seq_len=32, packing="on"), PAD)
 
@@ -307,6 +307,59 @@ def test_bf16_tolerance_keeps_exact_layouts_and_rejects_wrong_ones():
     assert wrong.attention == MASK and "segments max diff" in wrong.reason and "(bfloat16)" in wrong.reason
     assert probe_tolerance(torch.tensor([0.5, -4.0]), torch.bfloat16) == pytest.approx(0.4)
     assert probe_tolerance(torch.tensor([0.5, -0.2]), torch.float32) == pytest.approx(1e-5)
+
+
+def measured(reason: str, attention: str) -> tuple[float, float]:
+    """(max diff, leak) the probe's reason gives for `attention`."""
+    text = reason.split(f"{attention} max diff ")[1]
+    return float(text.split(",")[0]), float(text.split(", leak ")[1].split(",")[0].split(";")[0])
+
+
+def tolerances(reason: str) -> tuple[float, float]:
+    """(tolerance, leak tolerance) the probe's reason gives."""
+    text = reason.split("; tolerance ")[1]
+    return float(text.split(",")[0]), float(text.split(", leak ")[1].split(" ")[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_layer_carrying_state_along_the_row_is_caught_by_the_leak_where_bf16_rounding_hides_it(dtype):
+    """Qwen3-Next's linear-attention layers carry state along a packed row. In bf16 its packed rewards sit within
+    the 10% tolerance of the padded ones; scoring each sequence again with every other sequence's tokens changed
+    shows the leak, so it trains padded. An exact layout's rewards do not move at all (leak exactly 0)."""
+    torch.manual_seed(0)
+    hybrid = RewardModel(AutoModel.from_config(generic_config("qwen3_next"), dtype=dtype))
+    torch.nn.init.normal_(hybrid.v_head.weight, std=0.5)
+    layout = run_probe(hybrid.eval())
+    assert layout.attention == PADDED and "no fast layout gives the padded rewards" in layout.reason, (
+        layout.reason
+    )
+    tolerance, leak_tolerance = tolerances(layout.reason)
+    for attention in (SEGMENTS, MASK):
+        difference, leak = measured(layout.reason, attention)
+        assert leak > 10 * leak_tolerance, (attention, leak, leak_tolerance)
+        if dtype == torch.bfloat16:
+            assert difference <= tolerance, (
+                attention,
+                difference,
+            )  # the padded comparison alone would keep it
+
+    exact = run_probe(build("qwen3", dtype=dtype))
+    assert exact.attention == SEGMENTS and measured(exact.reason, SEGMENTS)[1] == 0.0, exact.reason
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_an_encoder_attending_both_ways_trains_padded_because_its_values_read_later_tokens(dtype):
+    """Megatron-BERT is in transformers' causal-LM table, but the backbone a reward model wraps attends both ways;
+    packed rows are causal per sequence. In bf16 its 4D-mask rows sat within the 10% tolerance on the probe's
+    pairs (and 11.5% off on others): the probe now first checks that no value reads a later token."""
+    torch.manual_seed(0)
+    encoder = RewardModel(AutoModel.from_config(generic_config("megatron-bert"), dtype=dtype)).eval()
+    torch.nn.init.normal_(encoder.v_head.weight, std=0.5)
+    layout = run_probe(encoder)
+    assert layout.attention == PADDED and "attention is not causal (a value moves" in layout.reason, (
+        layout.reason
+    )
+    assert probe.later_token_effect(build("llama", dtype=dtype).eval(), PAD) == 0.0
 
 
 def test_docstring_examples():

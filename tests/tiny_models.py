@@ -204,6 +204,46 @@ BACKBONES = (
 )
 
 
+# One set of small settings under every name families use for them; a family ignores the names it lacks.
+GENERIC_SETTINGS = {
+    "vocab_size": 44,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "pad_token_id": None,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "intermediate_size": 64,
+    "max_position_embeddings": 128,
+    "n_embd": 32,
+    "n_layer": 2,
+    "n_head": 4,
+    "n_inner": 64,
+    "n_positions": 128,
+    "d_model": 32,
+    "num_layers": 2,
+    "ffn_dim": 64,
+    "moe_intermediate_size": 16,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_routed_experts": 4,
+    "attention_dropout": 0.0,
+    "hidden_dropout": 0.0,
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+}
+
+
+def generic_config(model_type: str, **overrides) -> PretrainedConfig:
+    """A tiny config of any family from `GENERIC_SETTINGS` (tests/scripts/backbone_sweep.py builds every family so;
+    some refuse or do not build with them)."""
+    return AutoConfig.for_model(model_type, **{**GENERIC_SETTINGS, **overrides})
+
+
 def save_tiny_backbone(
     folder: str, architecture: str, vocab_size: int = 44, with_pad: bool = False, seed: int = 0
 ) -> str:

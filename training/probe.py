@@ -8,7 +8,10 @@ do not: the row would attend across sequences), whether the model switches atten
 whether eager attention takes the 4D mask with its softcapping (Gemma 2). A few synthetic pairs of different
 lengths (an empty prompt, one-token responses, a long pair up to a segment block's size) are scored in each
 candidate layout and in the padded layout, through the engine (collective under ZeRO-3: every rank runs the
-same forwards), in eval mode without gradients; the optimizer is not touched.
+same forwards), in eval mode without gradients; the optimizer is not touched. Each candidate is also scored
+once per example with every other example's tokens replaced (`content_leak`): an exact layout's rewards do not
+move at all, where a layer carrying state along a packed row (state-space, linear attention) moves them by
+less than half precision's tolerance against the padded batch could see.
 The first candidate within `probe_tolerance` is kept; `auto` falls back to the padded layout with the measured
 differences in the log, `on` stops with a `ConfigError` naming them.
 """
@@ -25,6 +28,7 @@ import torch
 from model_utils.packed_attention import rope_batch_dependence
 from model_utils.segment_attention import SEGMENT_BLOCK_TOKENS, stop_segment_attention, use_segment_attention
 from training.arguments import TrainConfig
+from training.data.collate import response_order
 from training.errors import ConfigError
 from training.layout import SEGMENTS, BatchLayout, batch_rewards, layout_candidates, on_flags
 
@@ -43,6 +47,15 @@ PROBE_LONGEST = SEGMENT_BLOCK_TOKENS
 # segment plan computes): 31-74% on SmolLM2, 17% on a 2-layer random StableLM. 10% sits between.
 FP32_RELATIVE_TOLERANCE = 1e-5
 HALF_RELATIVE_TOLERANCE = 0.10
+# Allowed change of a sequence's rewards when every other sequence of its batch gets new tokens of the same lengths
+# (`content_leak`), as a fraction of the reward scale. In an exact layout no sequence reads another's tokens and
+# the passes have the same shapes, so nothing changes: exactly 0 on every exact layout of every family, fp32 and
+# bf16 (tests/test_backbone_sweep.py). A layer carrying state along the row (state-space, linear attention,
+# recurrence) leaks: 2e-3-0.5 of the scale on 2-layer random models, which half precision's 10% above cannot
+# tell from rounding (Qwen3-Next, Qwen3.5, Falcon-H1, MiniMax, RecurrentGemma in bf16). Half precision keeps a
+# margin for kernels that might round differently from pass to pass.
+FP32_LEAK_TOLERANCE = 1e-6
+HALF_LEAK_TOLERANCE = 1e-4
 
 
 def probe_pairs(max_seq_len: int, vocab_size: int, pad_token_id: int | None, seed: int = 0) -> list[dict]:
@@ -73,11 +86,14 @@ def probe_pairs(max_seq_len: int, vocab_size: int, pad_token_id: int | None, see
     return pairs
 
 
-def probe_tolerance(expected: torch.Tensor, dtype: torch.dtype) -> float:
+def probe_tolerance(expected: torch.Tensor, dtype: torch.dtype, leak: bool = False) -> float:
     """Largest |reward difference| a layout may show and still count as exact: a fraction of the reward scale
     (the largest |padded reward|, at least 1), 1e-5 in fp32, 10% in bf16/fp16, between the rounding noise of
-    exact layouts and the error of wrong ones (measured: see `HALF_RELATIVE_TOLERANCE`)."""
+    exact layouts and the error of wrong ones (measured: see `HALF_RELATIVE_TOLERANCE`); with `leak`, the largest
+    `content_leak` (1e-6 / 1e-4 of the scale)."""
     scale = max(1.0, float(expected.abs().max()))
+    if leak:
+        return (FP32_LEAK_TOLERANCE if dtype == torch.float32 else HALF_LEAK_TOLERANCE) * scale
     relative = FP32_RELATIVE_TOLERANCE if dtype == torch.float32 else HALF_RELATIVE_TOLERANCE
     return relative * scale
 
@@ -116,30 +132,85 @@ def layout_rewards(engine, examples: list[dict], layout: BatchLayout, pad_token_
     return batch_rewards(engine, batch, layout).float().cpu()
 
 
+def new_tokens(example: dict, generator: torch.Generator, vocab_size: int, pad_token_id: int) -> dict:
+    """`example` with new random tokens (never the pad) in every prompt and response, of the same lengths."""
+
+    def tokens(ids: list[int]) -> list[int]:
+        fresh = torch.randint(0, vocab_size, (len(ids),), generator=generator)
+        fresh[fresh == pad_token_id] = (pad_token_id + 1) % vocab_size
+        return fresh.tolist()
+
+    changed = {
+        key: tokens(example[key]) for key in ("prompt_ids", "chosen_ids", "rejected_ids") if key in example
+    }
+    if "response_ids" in example:
+        changed["response_ids"] = [tokens(response) for response in example["response_ids"]]
+    return {**example, **changed}
+
+
+def content_leak(
+    engine, examples: list[dict], layout: BatchLayout, pad_token_id: int, rewards: torch.Tensor
+) -> float:
+    """The largest change of an example's `rewards` (its own, in `layout`) when every other example of the batch
+    gets new tokens of the same lengths: one pass per example. What a padded comparison in half precision cannot
+    tell from rounding: a layer carrying state along a packed row reads the sequences before it."""
+    vocab_size = getattr(engine, "module", engine).config.vocab_size
+    generator = torch.Generator().manual_seed(1)
+    order = response_order(examples)
+    worst = 0.0
+    for kept in range(len(examples)):
+        changed = [
+            example if index == kept else new_tokens(example, generator, vocab_size, pad_token_id)
+            for index, example in enumerate(examples)
+        ]
+        own = torch.tensor([index == kept for index, _ in order])
+        change = layout_rewards(engine, changed, layout, pad_token_id) - rewards
+        worst = max(worst, float(change[own].abs().max()))
+    return worst
+
+
+@torch.no_grad()
+def later_token_effect(engine, pad_token_id: int) -> float:
+    """How far a token's value moves when the tokens after it change: two rows of one batch, equal in their first
+    half. 0 for causal attention, whose values never read later tokens (and the rows have the same shapes); an
+    encoder attending both ways reads them, which no packed layout can give (its rows are causal per sequence)."""
+    vocab_size = getattr(engine, "module", engine).config.vocab_size
+    ids = torch.randint(0, vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+    ids[ids == pad_token_id] = (pad_token_id + 1) % vocab_size
+    ids[1, :8] = ids[0, :8]
+    device = engine_device(engine)
+    values = engine(ids.to(device), torch.ones_like(ids).to(device), return_values=True).float().cpu()
+    return largest_over_ranks(float((values[0, :8] - values[1, :8]).abs().max()), device)
+
+
 def measure(
-    engine, pairs: list[dict], layout: BatchLayout, pad_token_id: int, expected: torch.Tensor
-) -> tuple[float, str]:
-    """(max |reward - expected| over every rank, or inf; what went wrong when the layout could not run)."""
+    engine, examples: list[dict], layout: BatchLayout, pad_token_id: int, expected: torch.Tensor
+) -> tuple[float, float, str]:
+    """(max |reward - expected|, `content_leak`, both the largest over every rank, or inf; what went wrong when
+    the layout could not run)."""
     reward_model = getattr(engine, "module", engine)
     failure = ""
     try:
         if layout.attention == SEGMENTS:
             use_segment_attention(reward_model)
-        difference = float((layout_rewards(engine, pairs, layout, pad_token_id) - expected).abs().max())
+        rewards = layout_rewards(engine, examples, layout, pad_token_id)
+        difference = float((rewards - expected).abs().max())
+        leak = content_leak(engine, examples, layout, pad_token_id, rewards)
     except torch.distributed.DistError:
         raise
     except (ValueError, RuntimeError, TypeError, IndexError) as error:
         if isinstance(error, torch.OutOfMemoryError):
             raise
-        failure, difference = f"{type(error).__name__}: {error}".splitlines()[0], math.inf
-    return largest_over_ranks(difference, engine_device(engine)), failure
+        failure, difference, leak = f"{type(error).__name__}: {error}".splitlines()[0], math.inf, math.inf
+    device = engine_device(engine)
+    return largest_over_ranks(difference, device), largest_over_ranks(leak, device), failure
 
 
 def probe_layout(
     engine, candidates: list[BatchLayout], config: TrainConfig, pad_token_id: int
 ) -> BatchLayout:
-    """The first of `candidates` whose rewards equal the padded batch's within `probe_tolerance`, its reason
-    saying what was measured; else the padded layout (`ConfigError` when a flag is `on`). Every rank must call
+    """The first of `candidates` whose rewards equal the padded batch's within `probe_tolerance` and do not move
+    with the other sequences' tokens (`content_leak`), its reason saying what was measured; else the padded layout (`ConfigError` when a flag is `on`). Every rank must call
     it (it runs collective forwards under ZeRO-3 and agrees on the largest difference)."""
     start = time.perf_counter()
     reward_model = getattr(engine, "module", engine)
@@ -151,11 +222,16 @@ def probe_layout(
     try:
         with torch.no_grad():
             expected = layout_rewards(engine, pairs, BatchLayout(), pad_token_id)
-            tolerance = probe_tolerance(expected, dtype)
+            tolerance, leak_tolerance = (probe_tolerance(expected, dtype, leak) for leak in (False, True))
+            if (later := later_token_effect(engine, pad_token_id)) > leak_tolerance:
+                measured.append(f"attention is not causal (a value moves {later:.2g} with later tokens)")
+                candidates = []
             for candidate in candidates:
-                difference, failure = measure(engine, pairs, candidate, pad_token_id, expected)
-                measured.append(f"{candidate.attention} {failure or f'max diff {difference:.2g}'}")
-                if difference <= tolerance:
+                difference, leak, failure = measure(engine, pairs, candidate, pad_token_id, expected)
+                measured.append(
+                    f"{candidate.attention} {failure or f'max diff {difference:.2g}, leak {leak:.2g}'}"
+                )
+                if difference <= tolerance and leak <= leak_tolerance:
                     chosen = candidate
                     break
                 stop_segment_attention(reward_model)
@@ -163,7 +239,8 @@ def probe_layout(
         if was_training:
             engine.train()
     summary = (
-        f"{', '.join(measured)}; tolerance {tolerance:.2g} ({str(dtype).removeprefix('torch.')}); "
+        f"{', '.join(measured)}; tolerance {tolerance:.2g}, leak {leak_tolerance:.2g} "
+        f"({str(dtype).removeprefix('torch.')}); "
         f"probe {time.perf_counter() - start:.2f} s"
     )
     if chosen is not None:

@@ -2,7 +2,7 @@
 start-up probe: the layout it keeps, and whether that layout gives the padded batch's rewards on pairs the probe
 never scored.
 
-    python tests/scripts/backbone_sweep.py RESULTS.json [FAMILY ...]
+    python tests/scripts/backbone_sweep.py RESULTS.json [--dtype fp32|bf16] [FAMILY ...]
 
 A family of the wide table (`tests/tiny_models.py`) is built with its settings there. RESULTS.json gets
 `{family: {"status": "layout" | "skipped" | "error", ...}}`: for a layout, its `attention`, `packing`,
@@ -13,6 +13,7 @@ padded forward worked (the start-up would crash where it should choose a layout)
 memory limit and an alarm, so a family that allocates much or hangs costs only its own entry.
 """
 
+import argparse
 import json
 import os
 import resource
@@ -23,12 +24,12 @@ import torch
 
 torch.set_num_threads(1)  # before any parallel region: a forked child must not inherit an OpenMP pool
 
-from transformers import AutoConfig, AutoModel  # noqa: E402
+from transformers import AutoModel  # noqa: E402
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from test_packing import make_pairs  # noqa: E402
-from tiny_models import BACKBONES, tiny_config  # noqa: E402
+from tiny_models import BACKBONES, generic_config, tiny_config  # noqa: E402
 
 from model_utils import RewardModel  # noqa: E402
 from training.arguments import TrainConfig  # noqa: E402
@@ -37,38 +38,6 @@ from training.layout import BatchLayout, batch_rewards  # noqa: E402
 from training.probe import choose_layout  # noqa: E402
 
 PAD = 2
-# One set of small settings under every name families use for them; a family ignores the names it lacks.
-GENERIC = {
-    "vocab_size": 44,
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-    "pad_token_id": None,
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 8,
-    "intermediate_size": 64,
-    "max_position_embeddings": 128,
-    "n_embd": 32,
-    "n_layer": 2,
-    "n_head": 4,
-    "n_inner": 64,
-    "n_positions": 128,
-    "d_model": 32,
-    "num_layers": 2,
-    "ffn_dim": 64,
-    "moe_intermediate_size": 16,
-    "num_experts": 4,
-    "num_local_experts": 4,
-    "num_experts_per_tok": 2,
-    "n_routed_experts": 4,
-    "attention_dropout": 0.0,
-    "hidden_dropout": 0.0,
-    "resid_pdrop": 0.0,
-    "embd_pdrop": 0.0,
-    "attn_pdrop": 0.0,
-}
 MAX_PARAMETERS = 20_000_000
 MAX_SEQ_LEN = 32
 # Not the probe's pairs (`training.probe.probe_pairs`): other lengths, another seed.
@@ -79,9 +48,9 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"[:300]
 
 
-def sweep_family(family: str) -> dict:
+def sweep_family(family: str, dtype: torch.dtype) -> dict:
     try:  # the wide table's own settings where it has them (tests/tiny_models.py), else the generic ones
-        config = tiny_config(family) if family in BACKBONES else AutoConfig.for_model(family, **GENERIC)
+        config = tiny_config(family) if family in BACKBONES else generic_config(family)
     except Exception as error:  # a family's own validation of the generic settings
         return {"status": "skipped", "why": f"settings refused: {first_line(error)}"}
     if getattr(config, "is_encoder_decoder", False):
@@ -95,7 +64,7 @@ def sweep_family(family: str) -> dict:
         return {"status": "skipped", "why": f"{size / 1e6:.0f}M parameters with the generic settings"}
     torch.manual_seed(0)
     try:
-        model = RewardModel(AutoModel.from_config(config, dtype=torch.float32)).eval()
+        model = RewardModel(AutoModel.from_config(config, dtype=dtype)).eval()
         torch.nn.init.normal_(model.v_head.weight, std=0.5)  # rewards far from 0, so differences show
         pairs = make_pairs(UNSEEN_SHAPES, seed=7)
         with torch.no_grad():
@@ -116,8 +85,8 @@ def sweep_family(family: str) -> dict:
     }
 
 
-def in_child(family: str, timeout_s: int = 120, memory_gib: int = 12) -> dict:
-    """`sweep_family(family)` in a forked child (memory limit, alarm); its death is the family's entry."""
+def in_child(family: str, dtype: torch.dtype, timeout_s: int = 120, memory_gib: int = 12) -> dict:
+    """`sweep_family(family, dtype)` in a forked child (memory limit, alarm); its death is the family's entry."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: one family, its JSON down the pipe
@@ -126,7 +95,7 @@ def in_child(family: str, timeout_s: int = 120, memory_gib: int = 12) -> dict:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         signal.alarm(timeout_s)
         try:
-            result = sweep_family(family)
+            result = sweep_family(family, dtype)
         except BaseException as error:  # noqa: BLE001 - anything is the family's result, not the sweep's end
             result = {"status": "error", "why": first_line(error)}
         with os.fdopen(write_end, "w") as pipe:
@@ -142,9 +111,14 @@ def in_child(family: str, timeout_s: int = 120, memory_gib: int = 12) -> dict:
 
 
 def main() -> None:
-    output, families = sys.argv[1], sys.argv[2:] or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-    results = {family: in_child(family) for family in families}
-    with open(output, "w", encoding="utf-8") as file:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("families", nargs="*", default=sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
+    args = parser.parse_intermixed_args()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    results = {family: in_child(family, dtype) for family in args.families}
+    with open(args.output, "w", encoding="utf-8") as file:
         json.dump(results, file, indent=1)
 
 
