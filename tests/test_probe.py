@@ -322,12 +322,16 @@ def tolerances(reason: str) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_a_layer_carrying_state_along_the_row_is_caught_by_the_leak_where_bf16_rounding_hides_it(dtype):
-    """Qwen3-Next's linear-attention layers carry state along a packed row. In bf16 its packed rewards sit within
-    the 10% tolerance of the padded ones; scoring each sequence again with every other sequence's tokens changed
-    shows the leak, so it trains padded. An exact layout's rewards do not move at all (leak exactly 0)."""
+@pytest.mark.parametrize("family", ["qwen3_next", "jamba"])
+def test_a_layer_carrying_state_along_the_row_is_caught_by_the_leak_where_bf16_rounding_hides_it(
+    family, dtype
+):
+    """Qwen3-Next's linear-attention and Jamba's Mamba layers carry state along a packed row. In bf16 their packed
+    rewards sit within the 10% tolerance of the padded ones; scoring each response again with the other examples'
+    tokens changed (Qwen3-Next) or its sibling branches' (Jamba: the rejected branch read the chosen one) shows the
+    leak, so they train padded. An exact layout's rewards do not move at all (leak exactly 0)."""
     torch.manual_seed(0)
-    hybrid = RewardModel(AutoModel.from_config(generic_config("qwen3_next"), dtype=dtype))
+    hybrid = RewardModel(AutoModel.from_config(generic_config(family), dtype=dtype))
     torch.nn.init.normal_(hybrid.v_head.weight, std=0.5)
     layout = run_probe(hybrid.eval())
     assert layout.attention == PADDED and "no fast layout gives the padded rewards" in layout.reason, (

@@ -132,40 +132,67 @@ def layout_rewards(engine, examples: list[dict], layout: BatchLayout, pad_token_
     return batch_rewards(engine, batch, layout).float().cpu()
 
 
-def new_tokens(example: dict, generator: torch.Generator, vocab_size: int, pad_token_id: int) -> dict:
-    """`example` with new random tokens (never the pad) in every prompt and response, of the same lengths."""
+PROMPT = (
+    "prompt"  # a part of an example (`with_new_tokens`); responses are parts 0, 1, ... (chosen, rejected)
+)
+
+
+def with_new_tokens(
+    example: dict, generator: torch.Generator, vocab_size: int, pad_token_id: int, keep: set = frozenset()
+) -> dict:
+    """`example` with new random tokens (never the pad), of the same lengths, in every part not in `keep`: its
+    `PROMPT` and its responses by index."""
 
     def tokens(ids: list[int]) -> list[int]:
         fresh = torch.randint(0, vocab_size, (len(ids),), generator=generator)
         fresh[fresh == pad_token_id] = (pad_token_id + 1) % vocab_size
         return fresh.tolist()
 
-    changed = {
-        key: tokens(example[key]) for key in ("prompt_ids", "chosen_ids", "rejected_ids") if key in example
-    }
+    changed = {} if PROMPT in keep else {"prompt_ids": tokens(example["prompt_ids"])}
     if "response_ids" in example:
-        changed["response_ids"] = [tokens(response) for response in example["response_ids"]]
+        responses = example["response_ids"]
+        changed["response_ids"] = [ids if k in keep else tokens(ids) for k, ids in enumerate(responses)]
+    else:
+        changed |= {
+            key: tokens(example[key]) for k, key in enumerate(("chosen_ids", "rejected_ids")) if k not in keep
+        }
     return {**example, **changed}
 
 
 def content_leak(
     engine, examples: list[dict], layout: BatchLayout, pad_token_id: int, rewards: torch.Tensor
 ) -> float:
-    """The largest change of an example's `rewards` (its own, in `layout`) when every other example of the batch
-    gets new tokens of the same lengths: one pass per example. What a padded comparison in half precision cannot
-    tell from rounding: a layer carrying state along a packed row reads the sequences before it."""
+    """The largest change of a response's reward (from `rewards`, in `layout`) when tokens it must not read get
+    new values of the same lengths: every other example's (one pass per example), and its sibling responses' (one
+    pass per response index, the prompts kept). What a padded comparison in half precision cannot tell from
+    rounding: a layer carrying state along a packed row reads the sequences, or the branches, before it."""
     vocab_size = getattr(engine, "module", engine).config.vocab_size
     generator = torch.Generator().manual_seed(1)
     order = response_order(examples)
+    rounds = [  # (the responses whose rewards must not move, the examples with what of each is kept)
+        (
+            [index == kept for index, _ in order],
+            [
+                example if index == kept else with_new_tokens(example, generator, vocab_size, pad_token_id)
+                for index, example in enumerate(examples)
+            ],
+        )  # fmt: skip
+        for kept in range(len(examples))
+    ]
+    rounds += [
+        (
+            [k == branch for _, k in order],
+            [
+                with_new_tokens(example, generator, vocab_size, pad_token_id, {PROMPT, branch})
+                for example in examples
+            ],
+        )
+        for branch in range(max(k for _, k in order) + 1)
+    ]
     worst = 0.0
-    for kept in range(len(examples)):
-        changed = [
-            example if index == kept else new_tokens(example, generator, vocab_size, pad_token_id)
-            for index, example in enumerate(examples)
-        ]
-        own = torch.tensor([index == kept for index, _ in order])
+    for own, changed in rounds:
         change = layout_rewards(engine, changed, layout, pad_token_id) - rewards
-        worst = max(worst, float(change[own].abs().max()))
+        worst = max(worst, float(change[torch.tensor(own)].abs().max()))
     return worst
 
 
