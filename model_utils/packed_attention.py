@@ -100,9 +100,12 @@ def length_switched_rope(config: PretrainedConfig) -> tuple[str, str, int] | Non
     parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
     if not isinstance(parameters, dict):
         return None
-    nested = parameters and all(isinstance(value, dict) for value in parameters.values())
+    # Per layer type when any value is a dict (a type without rope may be None); else one flat dict.
+    nested = any(isinstance(value, dict) for value in parameters.values())
     switches = []
-    for entry in parameters.values() if nested else [parameters]:
+    for entry in (
+        [value for value in parameters.values() if isinstance(value, dict)] if nested else [parameters]
+    ):
         rope_type = entry.get("rope_type", entry.get("type")) or ""
         if rope_type == "longrope":
             setting = "original_max_position_embeddings"

@@ -58,6 +58,16 @@ FP32_LEAK_TOLERANCE = 1e-6
 HALF_LEAK_TOLERANCE = 1e-4
 
 
+def real_tokens(
+    count: int, vocab_size: int, pad_token_id: int | None, generator: torch.Generator
+) -> torch.Tensor:
+    """`count` random token ids, none of them the pad (the padded layout must not mistake one for padding)."""
+    ids = torch.randint(0, vocab_size, (count,), generator=generator)
+    if pad_token_id is not None:
+        ids[ids == pad_token_id] = (pad_token_id + 1) % vocab_size
+    return ids
+
+
 def probe_pairs(max_seq_len: int, vocab_size: int, pad_token_id: int | None, seed: int = 0) -> list[dict]:
     """Synthetic tokenised pairs (`prompt_ids`, `chosen_ids`, `rejected_ids`, `margin`) that fit `max_seq_len`.
 
@@ -71,10 +81,7 @@ def probe_pairs(max_seq_len: int, vocab_size: int, pad_token_id: int | None, see
     for prompt, chosen, rejected in (*PROBE_SHAPES, long_pair):
         chosen, rejected = min(chosen, max_seq_len), min(rejected, max_seq_len)
         prompt = min(prompt, max_seq_len - max(chosen, rejected))
-        ids = torch.randint(0, vocab_size, (prompt + chosen + rejected,), generator=generator)
-        if pad_token_id is not None:  # real tokens only: the padded layout must not mistake one for padding
-            ids[ids == pad_token_id] = (pad_token_id + 1) % vocab_size
-        ids = ids.tolist()
+        ids = real_tokens(prompt + chosen + rejected, vocab_size, pad_token_id, generator).tolist()
         pairs.append(
             {
                 "prompt_ids": ids[:prompt],
@@ -144,9 +151,7 @@ def with_new_tokens(
     `PROMPT` and its responses by index."""
 
     def tokens(ids: list[int]) -> list[int]:
-        fresh = torch.randint(0, vocab_size, (len(ids),), generator=generator)
-        fresh[fresh == pad_token_id] = (pad_token_id + 1) % vocab_size
-        return fresh.tolist()
+        return real_tokens(len(ids), vocab_size, pad_token_id, generator).tolist()
 
     changed = {} if PROMPT in keep else {"prompt_ids": tokens(example["prompt_ids"])}
     if "response_ids" in example:
@@ -197,17 +202,27 @@ def content_leak(
 
 
 @torch.no_grad()
-def later_token_effect(engine, pad_token_id: int) -> float:
-    """How far a token's value moves when the tokens after it change: two rows of one batch, equal in their first
-    half. 0 for causal attention, whose values never read later tokens (and the rows have the same shapes); an
-    encoder attending both ways reads them, which no packed layout can give (its rows are causal per sequence)."""
+def later_token_effect(engine, pad_token_id: int, max_seq_len: int) -> tuple[float, str]:
+    """(how far a token's value moves when the tokens after it change, over every rank; what went wrong when the
+    check could not run): two rows of one batch, equal in their first half. 0 for causal attention, whose values
+    never read later tokens (and the rows have the same shapes); an encoder attending both ways reads them, which no
+    packed layout can give (its rows are causal per sequence)."""
+    length = max(2, min(16, max_seq_len))
     vocab_size = getattr(engine, "module", engine).config.vocab_size
-    ids = torch.randint(0, vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
-    ids[ids == pad_token_id] = (pad_token_id + 1) % vocab_size
-    ids[1, :8] = ids[0, :8]
+    ids = real_tokens(2 * length, vocab_size, pad_token_id, torch.Generator().manual_seed(2)).view(2, length)
+    ids[1, : length // 2] = ids[0, : length // 2]
     device = engine_device(engine)
-    values = engine(ids.to(device), torch.ones_like(ids).to(device), return_values=True).float().cpu()
-    return largest_over_ranks(float((values[0, :8] - values[1, :8]).abs().max()), device)
+    failure, effect = "", math.inf
+    try:
+        values = engine(ids.to(device), torch.ones_like(ids).to(device), return_values=True).float().cpu()
+        effect = float((values[0, : length // 2] - values[1, : length // 2]).abs().max())
+    except torch.distributed.DistError:
+        raise
+    except (ValueError, RuntimeError, TypeError, IndexError) as error:
+        if isinstance(error, torch.OutOfMemoryError):
+            raise
+        failure = f"{type(error).__name__}: {error}".splitlines()[0]
+    return largest_over_ranks(effect, device), failure
 
 
 def measure(
@@ -250,8 +265,11 @@ def probe_layout(
         with torch.no_grad():
             expected = layout_rewards(engine, pairs, BatchLayout(), pad_token_id)
             tolerance, leak_tolerance = (probe_tolerance(expected, dtype, leak) for leak in (False, True))
-            if (later := later_token_effect(engine, pad_token_id)) > leak_tolerance:
-                measured.append(f"attention is not causal (a value moves {later:.2g} with later tokens)")
+            later, failure = later_token_effect(engine, pad_token_id, config.max_seq_len)
+            if later > leak_tolerance:
+                measured.append(
+                    failure or f"attention is not causal (a value moves {later:.2g} with later tokens)"
+                )
                 candidates = []
             for candidate in candidates:
                 difference, leak, failure = measure(engine, pairs, candidate, pad_token_id, expected)
