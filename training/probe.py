@@ -9,9 +9,11 @@ whether eager attention takes the 4D mask with its softcapping (Gemma 2). A few 
 lengths (an empty prompt, one-token responses, a long pair up to a segment block's size) are scored in each
 candidate layout and in the padded layout, through the engine (collective under ZeRO-3: every rank runs the
 same forwards), in eval mode without gradients; the optimizer is not touched. Each candidate is also scored
-once per example with every other example's tokens replaced (`content_leak`): an exact layout's rewards do not
-move at all, where a layer carrying state along a packed row (state-space, linear attention) moves them by
-less than half precision's tolerance against the padded batch could see.
+again with the tokens a response must not read replaced (`content_leak`: the other examples', its sibling
+branches'): an exact layout's rewards do not move at all, where a layer carrying state along a packed row
+(state-space, linear attention) moves them by less than half precision's tolerance against the padded batch
+could see. Before any candidate, `later_token_effect` checks that attention is causal (an encoder attending
+both ways cannot be packed).
 The first candidate within `probe_tolerance` is kept; `auto` falls back to the padded layout with the measured
 differences in the log, `on` stops with a `ConfigError` naming them.
 """
@@ -252,8 +254,9 @@ def probe_layout(
     engine, candidates: list[BatchLayout], config: TrainConfig, pad_token_id: int
 ) -> BatchLayout:
     """The first of `candidates` whose rewards equal the padded batch's within `probe_tolerance` and do not move
-    with the other sequences' tokens (`content_leak`), its reason saying what was measured; else the padded layout (`ConfigError` when a flag is `on`). Every rank must call
-    it (it runs collective forwards under ZeRO-3 and agrees on the largest difference)."""
+    with tokens they must not read (`content_leak`), its reason saying what was measured; else (also when
+    attention is not causal) the padded layout (`ConfigError` when a flag is `on`). Every rank must call it (it
+    runs collective forwards under ZeRO-3 and agrees on the largest difference)."""
     start = time.perf_counter()
     reward_model = getattr(engine, "module", engine)
     dtype = reward_model.v_head.weight.dtype

@@ -4,13 +4,14 @@ never scored.
 
     python tests/scripts/backbone_sweep.py RESULTS.json [--dtype fp32|bf16] [FAMILY ...]
 
-A family of the wide table (`tests/tiny_models.py`) is built with its settings there. RESULTS.json gets
-`{family: {"status": "layout" | "skipped" | "error", ...}}`: for a layout, its `attention`, `packing`,
-`share_prompt`, `reason` (the start-up log's), the largest |reward difference| on the unseen pairs and their reward
-`scale` (the largest |padded reward|, at least 1); for a skip, `why` (an encoder-decoder, settings the family refuses or that do not build,
-a model over `MAX_PARAMETERS` with them, a padded forward that fails); an error is anything raised once the
-padded forward worked (the start-up would crash where it should choose a layout). Each family runs in a forked child with a
-memory limit and an alarm, so a family that allocates much or hangs costs only its own entry.
+A family of the wide table (`tests/tiny_models.py`) is built with its settings there, any other with
+`tiny_models.generic_config`. RESULTS.json gets `{family: {"status": "layout" | "skipped" | "error", ...}}`: for a
+layout, its `attention`, `packing`, `share_prompt`, `reason` (the start-up log's), the largest |reward difference|
+on the unseen pairs and their reward `scale` (the largest |padded reward|, at least 1); for a skip, `why` (an
+encoder-decoder, settings the family refuses or that do not build, a model over `MAX_PARAMETERS` with them, a
+padded forward that fails); an error is anything raised once the padded forward worked (the start-up would crash
+where it should choose a layout). Each family runs in a forked child with a memory limit and an alarm, so a
+family that allocates much or hangs costs only its own entry.
 """
 
 import argparse
