@@ -8,9 +8,8 @@ import doctest
 import pytest
 import torch
 from test_packing import make_pairs
-from tiny_models import generic_config, tiny_config
+from tiny_models import generic_config, tiny_config, wide_head_reward_model
 from transformers import (
-    AutoModel,
     Gemma3TextConfig,
     GPTNeoConfig,
     Llama4TextConfig,
@@ -45,10 +44,7 @@ PAD = 0
 
 
 def build(architecture: str, dtype: torch.dtype = torch.float32, **overrides) -> RewardModel:
-    torch.manual_seed(0)
-    model = RewardModel(AutoModel.from_config(tiny_config(architecture, **overrides), dtype=dtype))
-    torch.nn.init.normal_(model.v_head.weight, std=0.5)  # rewards far from 0, so differences show
-    return model
+    return wide_head_reward_model(tiny_config(architecture, **overrides), dtype)
 
 
 @pytest.mark.parametrize(
@@ -336,10 +332,7 @@ def test_a_layer_carrying_state_along_the_row_is_caught_by_the_leak_where_bf16_r
     rewards sit within the 10% tolerance of the padded ones; scoring each response again with the other examples'
     tokens changed (Qwen3-Next) or its sibling branches' (Jamba: the rejected branch read the chosen one) shows the
     leak, so they train padded. An exact layout's rewards do not move at all (leak exactly 0)."""
-    torch.manual_seed(0)
-    hybrid = RewardModel(AutoModel.from_config(generic_config(family), dtype=dtype))
-    torch.nn.init.normal_(hybrid.v_head.weight, std=0.5)
-    layout = run_probe(hybrid.eval())
+    layout = run_probe(wide_head_reward_model(generic_config(family), dtype).eval())
     assert layout.attention == PADDED and "no fast layout gives the padded rewards" in layout.reason, (
         layout.reason
     )
@@ -362,10 +355,7 @@ def test_an_encoder_attending_both_ways_trains_padded_because_its_values_read_la
     """Megatron-BERT is in transformers' causal-LM table, but the backbone a reward model wraps attends both ways;
     packed rows are causal per sequence. In bf16 its 4D-mask rows sat within the 10% tolerance on the probe's
     pairs (and 11.5% off on others): the probe now first checks that no value reads a later token."""
-    torch.manual_seed(0)
-    encoder = RewardModel(AutoModel.from_config(generic_config("megatron-bert"), dtype=dtype)).eval()
-    torch.nn.init.normal_(encoder.v_head.weight, std=0.5)
-    layout = run_probe(encoder)
+    layout = run_probe(wide_head_reward_model(generic_config("megatron-bert"), dtype).eval())
     assert layout.attention == PADDED and "attention is not causal (a value moves" in layout.reason, (
         layout.reason
     )

@@ -19,6 +19,8 @@ from transformers import (
     Qwen2Config,
 )
 
+from model_utils import RewardModel
+
 WORDS = [
     "the",
     "a",
@@ -236,6 +238,15 @@ GENERIC_SETTINGS = {
     "embd_pdrop": 0.0,
     "attn_pdrop": 0.0,
 }
+
+
+def wide_head_reward_model(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> RewardModel:
+    """A `RewardModel` on a random backbone of `config` (seed 0), its value head drawn wide (std 0.5) so that
+    rewards sit far from 0 and a layout's differences show."""
+    torch.manual_seed(0)
+    model = RewardModel(AutoModel.from_config(config, dtype=dtype))
+    torch.nn.init.normal_(model.v_head.weight, std=0.5)
+    return model
 
 
 def generic_config(model_type: str, **overrides) -> PretrainedConfig:

@@ -24,6 +24,8 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -35,6 +37,7 @@ from training.errors import ConfigError
 from training.layout import SEGMENTS, BatchLayout, batch_rewards, layout_candidates, on_flags
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # (prompt, chosen, rejected) tokens: different lengths, an empty prompt, one-token responses.
 PROBE_SHAPES = ((0, 1, 2), (5, 1, 1), (3, 7, 4), (12, 2, 9))
@@ -141,9 +144,8 @@ def layout_rewards(engine, examples: list[dict], layout: BatchLayout, pad_token_
     return batch_rewards(engine, batch, layout).float().cpu()
 
 
-PROMPT = (
-    "prompt"  # a part of an example (`with_new_tokens`); responses are parts 0, 1, ... (chosen, rejected)
-)
+# A part of an example (`with_new_tokens`); its responses are parts 0, 1, ... (chosen, rejected).
+PROMPT = "prompt"
 
 
 def with_new_tokens(
@@ -203,6 +205,19 @@ def content_leak(
     return worst
 
 
+def failing_soft(measurement: Callable[[], T], failed: T) -> tuple[T, str]:
+    """(`measurement()`, ""), or (`failed`, the error's first line) when the model cannot run it: a layout or
+    check that fails is not taken. Collective and out-of-memory errors still end the start-up."""
+    try:
+        return measurement(), ""
+    except torch.distributed.DistError:
+        raise
+    except (ValueError, RuntimeError, TypeError, IndexError) as error:
+        if isinstance(error, torch.OutOfMemoryError):
+            raise
+        return failed, f"{type(error).__name__}: {error}".splitlines()[0]
+
+
 @torch.no_grad()
 def later_token_effect(engine, pad_token_id: int, max_seq_len: int) -> tuple[float, str]:
     """(how far a token's value moves when the tokens after it change, over every rank; what went wrong when the
@@ -214,17 +229,13 @@ def later_token_effect(engine, pad_token_id: int, max_seq_len: int) -> tuple[flo
     ids = real_tokens(2 * length, vocab_size, pad_token_id, torch.Generator().manual_seed(2)).view(2, length)
     ids[1, : length // 2] = ids[0, : length // 2]
     device = engine_device(engine)
-    failure, effect = "", math.inf
-    try:
+
+    def effect() -> float:
         values = engine(ids.to(device), torch.ones_like(ids).to(device), return_values=True).float().cpu()
-        effect = float((values[0, : length // 2] - values[1, : length // 2]).abs().max())
-    except torch.distributed.DistError:
-        raise
-    except (ValueError, RuntimeError, TypeError, IndexError) as error:
-        if isinstance(error, torch.OutOfMemoryError):
-            raise
-        failure = f"{type(error).__name__}: {error}".splitlines()[0]
-    return largest_over_ranks(effect, device), failure
+        return float((values[0, : length // 2] - values[1, : length // 2]).abs().max())
+
+    later, failure = failing_soft(effect, math.inf)
+    return largest_over_ranks(later, device), failure
 
 
 def measure(
@@ -232,20 +243,15 @@ def measure(
 ) -> tuple[float, float, str]:
     """(max |reward - expected|, `content_leak`, both the largest over every rank, or inf; what went wrong when
     the layout could not run)."""
-    reward_model = getattr(engine, "module", engine)
-    failure = ""
-    try:
+
+    def difference_and_leak() -> tuple[float, float]:
         if layout.attention == SEGMENTS:
-            use_segment_attention(reward_model)
+            use_segment_attention(getattr(engine, "module", engine))
         rewards = layout_rewards(engine, examples, layout, pad_token_id)
-        difference = float((rewards - expected).abs().max())
         leak = content_leak(engine, examples, layout, pad_token_id, rewards)
-    except torch.distributed.DistError:
-        raise
-    except (ValueError, RuntimeError, TypeError, IndexError) as error:
-        if isinstance(error, torch.OutOfMemoryError):
-            raise
-        failure, difference, leak = f"{type(error).__name__}: {error}".splitlines()[0], math.inf, math.inf
+        return float((rewards - expected).abs().max()), leak
+
+    (difference, leak), failure = failing_soft(difference_and_leak, (math.inf, math.inf))
     device = engine_device(engine)
     return largest_over_ranks(difference, device), largest_over_ranks(leak, device), failure
 

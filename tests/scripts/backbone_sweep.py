@@ -30,9 +30,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from test_packing import make_pairs  # noqa: E402
-from tiny_models import BACKBONES, generic_config, tiny_config  # noqa: E402
+from tiny_models import BACKBONES, generic_config, tiny_config, wide_head_reward_model  # noqa: E402
 
-from model_utils import RewardModel  # noqa: E402
 from training.arguments import TrainConfig  # noqa: E402
 from training.data.collate import PaddedCollator  # noqa: E402
 from training.layout import BatchLayout, batch_rewards  # noqa: E402
@@ -63,10 +62,8 @@ def sweep_family(family: str, dtype: torch.dtype) -> dict:
         return {"status": "skipped", "why": f"does not build: {first_line(error)}"}
     if size > MAX_PARAMETERS:
         return {"status": "skipped", "why": f"{size / 1e6:.0f}M parameters with the generic settings"}
-    torch.manual_seed(0)
     try:
-        model = RewardModel(AutoModel.from_config(config, dtype=dtype)).eval()
-        torch.nn.init.normal_(model.v_head.weight, std=0.5)  # rewards far from 0, so differences show
+        model = wide_head_reward_model(config, dtype).eval()
         pairs = make_pairs(UNSEEN_SHAPES, seed=7)
         with torch.no_grad():
             expected = batch_rewards(model, PaddedCollator(PAD)(pairs), BatchLayout())
