@@ -9,9 +9,12 @@
 prompts' groups per step), on the expanded pairs (`--pairwise_pairs` pairs per step; the defaults, 2 groups and 9
 pairs, hold 2,440 and 2,000 tokens per micro-batch on average at `--max_seq_len 128`: groups vary in size, so peak
 memory at equal tokens is `kwise_memory.py`'s measurement, not this one's) and TRL's `RewardTrainer`
-(benchmarks/trl_worker.py, TRL venv) on the same expanded pairs in the project's order. Comparisons of a K-wise step = the gap-filtered pairs of its group (counted from the
-project's own tokenised data and sampler order). Peak RSS is each process's `ru_maxrss`; tokens per micro-batch
-are reported beside it.
+(benchmarks/trl_worker.py, TRL venv) on the same expanded pairs in the project's order. The expanded pairs are
+those of the groups the K-wise runs time (every gap-filtered pair of those prompts, shuffled by the project's
+sampler), so both sides' comparisons per token come from the same prompts and responses; each pairwise run times
+a sample of them. Comparisons of a K-wise step = the gap-filtered pairs of its groups (counted from the project's
+own tokenised data and sampler order). Peak RSS is each process's `ru_maxrss`; tokens per micro-batch are
+reported beside it.
 
 `experiment`: trains SmolLM2-135M on the 705 training prompts in four ways and evaluates every run on the 100
 held-out prompts (K-wise rows: accuracy over gap-filtered comparisons, top-1, Kendall tau): K-wise with both
@@ -101,12 +104,40 @@ def step_contents(args: argparse.Namespace, flags: list[str], steps: int) -> dic
         return len(prompt) + sum(len(response) for response in responses)  # the prompt once (shared)
 
     return {
+        "order": order,
         "comparisons": [sum(num_comparisons(example) for example in step) for step in steps_of],
         "responses": [sum(len(example_responses(example)[1]) for example in step) for step in steps_of],
         "tokens": [sum(tokens(example) for example in step) for step in steps_of],
         "examples": examples,
         "data": data,
     }
+
+
+def expanded_pairs_of(args: argparse.Namespace, data, groups: list[int]) -> str:
+    """JSONL of every pair with a score gap >= `--min_score_gap` of the K-wise training rows `groups` (indices into
+    the project's training examples, which are train_kwise.jsonl's rows in file order), better first, written as
+    alpaca_multi_variants.py writes train_expanded.jsonl."""
+    from alpaca_multi_variants import expanded_pairs
+
+    path = Path(args.data_dir) / "train_kwise.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    if len(rows) != len(data.train):
+        raise RuntimeError(
+            f"{path}: {len(rows)} rows but {len(data.train)} training examples; cannot match them"
+        )
+    lines = []
+    for group in groups:
+        row = rows[group]
+        if len(data.train[group]["response_ids"]) != sum(bool(r.strip()) for r in row["responses"]):
+            raise RuntimeError(f"{path} row {group + 1}: its responses do not match training example {group}")
+        lines += [
+            json.dumps(
+                {"prompt": row["prompt"], "chosen": row["responses"][b], "rejected": row["responses"][w]}
+            )
+            + "\n"
+            for b, w in expanded_pairs(row, args.min_score_gap)
+        ]
+    return "".join(lines)
 
 
 def throughput(args: argparse.Namespace) -> dict:
@@ -123,7 +154,16 @@ def throughput(args: argparse.Namespace) -> dict:
         ]
         for name, variant in (("kwise", "kwise"), ("kwise-pl", "kwise-pl"), ("pairwise", "expanded"))
     }
-    contents = {name: step_contents(args, flags[name], args.max_steps) for name in flags}
+    # The pairwise runs (this project's and TRL's) train on the expanded pairs of exactly the groups the K-wise
+    # runs time, shuffled: the comparisons per token of both sides then come from the same prompts and responses.
+    contents = {"kwise": step_contents(args, flags["kwise"], args.max_steps)}
+    timed_groups = contents["kwise"]["order"][args.timed_from * args.kwise_groups :]
+    pairs_path = work / "expanded-pairs-of-timed-groups.jsonl"
+    pairs_path.write_text(expanded_pairs_of(args, contents["kwise"]["data"], timed_groups))
+    flags["pairwise"][flags["pairwise"].index("--data_path") + 1] = str(pairs_path)
+    contents.update(
+        {name: step_contents(args, flags[name], args.max_steps) for name in ("kwise-pl", "pairwise")}
+    )
     trl_pairs = work / "expanded.pairs.jsonl"
     trl_pairs.write_text("".join(json.dumps(pair) + "\n" for pair in contents["pairwise"]["examples"]))
     from model_utils import load_tokenizer, padded_vocab_size
