@@ -48,7 +48,8 @@ def common_flags(args: argparse.Namespace) -> list[str]:
     ]  # fmt: skip
 
 
-def variant_flags(args: argparse.Namespace, variant: str) -> list[str]:
+def variant_flags(args: argparse.Namespace, variant: str, data_path: Path | None = None) -> list[str]:
+    """train_rm's flags of one variant; a pairs variant reads `data_path` when given (else its file of `--data_dir`)."""
     data = Path(args.data_dir)
     if variant.startswith("kwise"):
         loss = "plackett_luce" if variant == "kwise-pl" else "pairs"
@@ -57,7 +58,7 @@ def variant_flags(args: argparse.Namespace, variant: str) -> list[str]:
             "--per_device_train_batch_size", str(args.kwise_groups),
         ]  # fmt: skip
     return [
-        "--data_path", str(data / f"train_{variant}.jsonl"),
+        "--data_path", str(data_path or data / f"train_{variant}.jsonl"),
         "--per_device_train_batch_size", str(args.pairwise_pairs),
     ]  # fmt: skip
 
@@ -144,26 +145,20 @@ def throughput(args: argparse.Namespace) -> dict:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     eval_flags = ["--eval_data_path", str(Path(args.data_dir) / "eval_kwise.jsonl[:2]")]
-    flags = {
-        name: [
-            *variant_flags(args, variant),
-            *common_flags(args),
-            *eval_flags,
-            "--max_steps",
-            str(args.max_steps),
-        ]
-        for name, variant in (("kwise", "kwise"), ("kwise-pl", "kwise-pl"), ("pairwise", "expanded"))
-    }
+    run_flags = [*common_flags(args), *eval_flags, "--max_steps", str(args.max_steps)]
+    flags = {name: [*variant_flags(args, name), *run_flags] for name in ("kwise", "kwise-pl")}
     # The pairwise runs (this project's and TRL's) train on the expanded pairs of exactly the groups the K-wise
     # runs time, shuffled: the comparisons per token of both sides then come from the same prompts and responses.
-    contents = {"kwise": step_contents(args, flags["kwise"], args.max_steps)}
-    timed_groups = contents["kwise"]["order"][args.timed_from * args.kwise_groups :]
+    kwise = step_contents(args, flags["kwise"], args.max_steps)
+    timed_groups = kwise["order"][args.timed_from * args.kwise_groups :]
     pairs_path = work / "expanded-pairs-of-timed-groups.jsonl"
-    pairs_path.write_text(expanded_pairs_of(args, contents["kwise"]["data"], timed_groups))
-    flags["pairwise"][flags["pairwise"].index("--data_path") + 1] = str(pairs_path)
-    contents.update(
-        {name: step_contents(args, flags[name], args.max_steps) for name in ("kwise-pl", "pairwise")}
-    )
+    pairs_path.write_text(expanded_pairs_of(args, kwise["data"], timed_groups))
+    flags["pairwise"] = [*variant_flags(args, "expanded", pairs_path), *run_flags]
+    contents = {  # the two K-wise runs differ only in their loss: the same data, order and steps
+        "kwise": kwise,
+        "kwise-pl": kwise,
+        "pairwise": step_contents(args, flags["pairwise"], args.max_steps),
+    }
     trl_pairs = work / "expanded.pairs.jsonl"
     trl_pairs.write_text("".join(json.dumps(pair) + "\n" for pair in contents["pairwise"]["examples"]))
     from model_utils import load_tokenizer, padded_vocab_size
