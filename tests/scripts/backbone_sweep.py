@@ -34,6 +34,7 @@ from tiny_models import BACKBONES, generic_config, tiny_config, wide_head_reward
 
 from training.arguments import TrainConfig  # noqa: E402
 from training.data.collate import PaddedCollator  # noqa: E402
+from training.ds_config import torch_dtype  # noqa: E402
 from training.layout import BatchLayout, batch_rewards  # noqa: E402
 from training.probe import choose_layout  # noqa: E402
 
@@ -114,7 +115,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("families", nargs="*", default=sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
     args = parser.parse_intermixed_args()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     results = {family: in_child(family, dtype) for family in args.families}
     with open(args.output, "w", encoding="utf-8") as file:
         json.dump(results, file, indent=1)
