@@ -340,11 +340,8 @@ def test_a_layer_carrying_state_along_the_row_is_caught_by_the_leak_where_bf16_r
     for attention in (SEGMENTS, MASK):
         difference, leak = measured(layout.reason, attention)
         assert leak > 10 * leak_tolerance, (attention, leak, leak_tolerance)
-        if dtype == torch.bfloat16:
-            assert difference <= tolerance, (
-                attention,
-                difference,
-            )  # the padded comparison alone would keep it
+        if dtype == torch.bfloat16:  # the padded comparison alone would keep it
+            assert difference <= tolerance, (attention, difference)
 
     exact = run_probe(build("qwen3", dtype=dtype))
     assert exact.attention == SEGMENTS and measured(exact.reason, SEGMENTS)[1] == 0.0, exact.reason
