@@ -21,9 +21,10 @@ from model_utils import RewardModel, segment_attention
 from model_utils.segment_attention import use_segment_attention
 from training.data import DataError, load_preference_data, read_preference_rows
 from training.data.collate import PackedCollator, PaddedCollator
+from training.data.listwise import comparisons_of
 from training.data.records import ListwiseOptions, RankedRow
 from training.layout import MASK, SEGMENTS, BatchLayout, batch_rewards
-from training.losses import comparison_loss, pairwise_loss, plackett_luce_loss
+from training.losses import comparison_loss, pairwise_loss, plackett_luce_loss, tie_levels
 from training.metrics import RewardTable, ranking_statistics
 
 MULTI = (
@@ -132,15 +133,124 @@ def test_dropped_responses_and_rows_without_a_comparison_are_counted(tmp_path):
     path = write_jsonl(
         tmp_path / "rows.jsonl",
         [
-            {"prompt": "Q", "responses": ["a", " ", "a", "b"], "scores": [2, 1, 0, 1]},  # empty, duplicate
+            {"prompt": "Q", "responses": ["a", " ", "a", "b"], "scores": [2, 1, 2, 1]},  # empty, duplicate
             {"prompt": "Q", "responses": ["a", "b"], "scores": [1, 1]},  # a tie
             {"prompt": "Q", "responses": ["a", ""], "scores": [1, 0]},  # one response left
+            # "c" scored twice, differently: every copy goes, and "d" is left alone.
+            {"prompt": "Q", "responses": ["c", "d", "c"], "scores": [1, 5, 9]},
         ],
     )
     source = read_preference_rows(path)
     assert len(source.rows) == 1 and source.rows[0].responses == ["a", "b"]
-    assert source.responses_dropped == {"empty": 2, "duplicate": 1}
-    assert source.skipped_by_rule == {"no_score_gap": 1, "fewer_than_two_responses": 1}
+    assert source.responses_dropped == {"empty": 2, "duplicate": 1, "conflicting_scores": 2}
+    assert source.skipped_by_rule == {"no_score_gap": 1, "fewer_than_two_responses": 2}
+
+
+def test_chat_responses_are_their_own_turns_for_empty_and_repeats(tmp_path):
+    user = {"role": "user", "content": "what color"}
+    answer = lambda text: {"role": "assistant", "content": text}  # noqa: E731
+    path = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {
+                "prompt": [user],
+                # An empty answer behind the repeated prompt; "blue" bare, behind the prompt, and behind the
+                # prompt written with other whitespace: one response.
+                "responses": [[user, answer("")], [answer("blue")], [user, answer("blue")],
+                              [{"role": "user", "content": "what  color\n"}, answer("blue")], [answer("red")]],
+                "scores": [9, 5, 5, 5, 1],
+            }
+        ],
+    )  # fmt: skip
+    source = read_preference_rows(path)
+    (row,) = source.rows
+    assert row.responses == [[answer("blue")], [answer("red")]] and row.comparisons == [(0, 1)]
+    assert source.responses_dropped == {"empty": 1, "duplicate": 2}
+
+
+@pytest.mark.parametrize(
+    "rating, problem",
+    [
+        ("nan", "finite"),
+        (True, "expected a number"),
+        ("four", "Rating is 'four'"),
+        ([{"Rating": "4"}], "annotations.helpfulness: expected an object"),
+    ],
+)
+def test_ultrafeedback_ratings_are_validated(tmp_path, rating, problem):
+    aspect = rating if isinstance(rating, list) else {"Rating": rating}
+    rows = [
+        {"instruction": "Q", "completions": [
+            {"response": "a", "overall_score": 1, "annotations": {"helpfulness": {"Rating": "4"}}},
+            {"response": "b", "overall_score": 2, "annotations": {"helpfulness": aspect}}]},
+    ]  # fmt: skip
+    path = write_jsonl(tmp_path / "uf.jsonl", rows)
+    with pytest.raises(DataError) as error:
+        read_preference_rows(path, listwise=ListwiseOptions(ultrafeedback_score="helpfulness"))
+    message = str(error.value)
+    assert "uf.jsonl line 1: field 'completions': item 1: " in message and problem in message, message
+
+
+def test_ultrafeedback_rating_text_and_prompt_column(tmp_path):
+    rows = [
+        {"instruction": "I", "system": "S", "completions": [
+            {"response": "a", "overall_score": 1, "annotations": {"helpfulness": {"Rating": " 4"}}},
+            {"response": "b", "overall_score": 2, "annotations": {"helpfulness": {"Rating": 2}}}]},
+    ]  # fmt: skip
+    path = write_jsonl(tmp_path / "uf.jsonl", rows)
+    (row,) = read_preference_rows(path, listwise=ListwiseOptions(ultrafeedback_score="helpfulness")).rows
+    assert row.prompt == "I" and row.scores == [4.0, 2.0]
+    (row,) = read_preference_rows(path, column_map={"prompt": "system"}).rows
+    assert row.prompt == "S" and row.comparisons == [(1, 0)]
+
+
+@pytest.mark.parametrize(
+    "row, field, problem",
+    [
+        ({"question": "Q", "ranking": ["a", "b"]}, "prompt", "the ranking holds texts"),
+        ({"prompt": "Q", "responses": ["x", "y"], "ranking": ["1", "0"]}, "ranking", "not indices"),
+    ],
+)
+def test_ranking_rows_that_would_train_on_the_wrong_texts_are_refused(tmp_path, row, field, problem):
+    path = write_jsonl(tmp_path / "ranked.jsonl", [row])
+    with pytest.raises(DataError) as error:
+        read_preference_rows(path)
+    message = str(error.value)
+    assert f"ranked.jsonl line 1: field '{field}'" in message and problem in message, message
+
+
+def test_ranking_of_whole_conversations_needs_no_prompt(tmp_path):
+    conversation = lambda text: [{"role": "user", "content": "Q"}, {"role": "assistant", "content": text}]  # noqa: E731
+    path = write_jsonl(tmp_path / "ranked.jsonl", [{"ranking": [conversation("a"), conversation("b")]}])
+    (row,) = read_preference_rows(path).rows
+    assert row.prompt == "" and row.comparisons == [(0, 1)]
+
+
+def test_one_score_gap_rule_for_comparisons_levels_and_decimal_scores(tmp_path):
+    # Gaps equal to --min_score_gap count, however the decimals round in binary.
+    assert comparisons_of([0.3, 0.2, 0.1], 0.1) == [(0, 1), (0, 2), (1, 2)]
+    assert comparisons_of([8.1, 8.0, 1.0], 0.1) == [(0, 1), (0, 2), (1, 2)]
+    assert comparisons_of([0.1 + 0.2, 0.3], 0.0) == []  # equal up to rounding: a tie
+    # Plackett-Luce's levels order every comparison the data makes, on decimal grids (and negative ranks).
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        step, gap = (0.1, 0.1) if trial % 3 else (1.0, 1.0)
+        scores = (torch.randint(-30, 30, (int(torch.randint(2, 7, (1,), generator=generator)),),
+                                generator=generator) * step).tolist()  # fmt: skip
+        levels = tie_levels(torch.tensor(scores, dtype=torch.float64), gap)
+        comparisons = comparisons_of(scores, gap)
+        assert all(levels[b] < levels[w] for b, w in comparisons), (scores, levels)
+        assert (int(levels.max()) > 0) == bool(comparisons), (scores, levels)
+    # End to end: a row whose only gap equals the threshold trains under Plackett-Luce (it used to raise).
+    path = write_jsonl(
+        tmp_path / "gap.jsonl", [{"prompt": "Q", "responses": [" a", " b"], "scores": [3.0, 2.9]}]
+    )
+    data = load_preference_data([path], make_tokenizer(with_pad=True), 32, eval_fraction=0.0,
+                                listwise=ListwiseOptions(min_score_gap=0.1))  # fmt: skip
+    batch = PaddedCollator(PAD)(list(data.train))
+    assert batch["scores"].dtype == torch.float64
+    loss = plackett_luce_loss(torch.tensor([0.5, 0.0]), batch["scores"], batch["response_group"], 0.1)
+    torch.testing.assert_close(loss, pairwise_loss(torch.tensor([0.5]), torch.tensor([0.0])))
 
 
 def test_pairs_and_kwise_rows_mix_in_one_run(tmp_path):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from training.data.listwise import clears_gap
+
 
 def bradley_terry(
     better_rewards: torch.Tensor, worse_rewards: torch.Tensor, margin: torch.Tensor | None = None
@@ -67,8 +69,8 @@ def comparison_loss(
 
 
 def tie_levels(scores: torch.Tensor, min_score_gap: float = 0.0) -> torch.Tensor:
-    """Rank level of each score, 0 = best: scores within `min_score_gap` of the best score of their level share
-    it (exact ties always do).
+    """Rank level of each score, 0 = best: a score that does not clear the gap (`clears_gap`, the rule that
+    makes the data's comparisons) below the best score of its level shares that level (exact ties always do).
 
     >>> tie_levels(torch.tensor([1.0, 3.0, 2.95, 1.0, 2.0]), min_score_gap=0.1).tolist()
     [2, 0, 0, 2, 1]
@@ -78,7 +80,7 @@ def tie_levels(scores: torch.Tensor, min_score_gap: float = 0.0) -> torch.Tensor
     level, top = -1, None
     for index in order:
         score = float(scores[index])
-        if top is None or top - score > 0 and top - score >= min_score_gap:
+        if top is None or clears_gap(top, score, min_score_gap):
             level, top = level + 1, score
         levels[index] = level
     return levels

@@ -11,7 +11,7 @@ tensors say what to compare (`comparison_tensors`):
     `better`, `worse` LongTensor[C]: indices into the N rewards of each comparison's preferred / other response;
     `comparison_group` LongTensor[C]: the example each comparison belongs to;
     `margin` FloatTensor[C]: only when some comparison has one (a pair's margin column, or a K-wise score gap);
-    `scores` FloatTensor[N], `response_group` LongTensor[N]: each response's score (a pair: 1 and 0) and example.
+    `scores` float64 Tensor[N], `response_group` LongTensor[N]: each response's score (a pair: 1 and 0) and example.
 Which collator a run uses is decided once, with the rest of the batch layout, in `training/layout.py`.
 """
 
@@ -55,7 +55,8 @@ def comparison_tensors(examples: Sequence[dict], order: list[tuple[int, int]]) -
         "better": torch.tensor(better, dtype=torch.long),
         "worse": torch.tensor(worse, dtype=torch.long),
         "comparison_group": torch.tensor(group, dtype=torch.long),
-        "scores": torch.tensor([scores[index][k] for index, k in order], dtype=torch.float),
+        # float64 as loaded: the loss's tie levels must see the values the comparisons were made from.
+        "scores": torch.tensor([scores[index][k] for index, k in order], dtype=torch.float64),
         "response_group": torch.tensor([index for index, _ in order], dtype=torch.long),
     }
     if any(margin is not None for margin in margins):

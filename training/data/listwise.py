@@ -10,9 +10,12 @@ Layouts (`LISTWISE_LAYOUTS`; the prompt is text or chat messages, each response 
       `answers[].answer` ranked by `answers[].rank` (1 is best); each answer is joined to the prompt after a space.
 
 Two responses give a comparison `(better, worse)` when the better one's score exceeds the other's by at least
-`min_score_gap` (and by more than 0): ties and near-ties give none. Empty and repeated responses are dropped from
-their row and counted; a row left without a comparison (all scores tied, fewer than two distinct responses) is
-skipped and counted, never an error. Malformed rows raise `RowError` naming the field, as pairs do.
+`min_score_gap` (and by more than 0), up to the rounding of decimal scores (`clears_gap`, the one definition the
+losses and metrics use too): ties and near-ties give none. Empty and repeated responses are dropped from their row
+and counted (a response is its own turns: one that repeats the prompt's turns is the same response without
+them); a response given twice with different scores is dropped, every copy, and counted as `conflicting_scores`.
+A row left without a comparison (all scores tied, fewer than two distinct responses) is skipped and counted, never
+an error. Malformed rows raise `RowError` naming the field, as pairs do.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from training.data.formats import content_field, is_empty
+from training.data.formats import as_messages, content_field, is_empty, response_messages
 from training.data.records import (
     Content,
     ListwiseOptions,
@@ -52,9 +55,12 @@ def detect_listwise(column_names: set[str], column_map: dict[str, str]) -> tuple
     if "ranking" in column_map or columns["ranking"] in column_names:
         return "ranking", {name: columns[name] for name in ("prompt", "ranking")}
     if {"instruction", "completions"} <= column_names:
-        return "ultrafeedback", {"prompt": "instruction", "responses": "completions"}
+        return "ultrafeedback", {
+            "prompt": column_map.get("prompt", "instruction"),
+            "responses": "completions",
+        }
     if {"prompt", "answers"} <= column_names:
-        return "nectar", {"prompt": "prompt", "responses": "answers"}
+        return "nectar", {"prompt": columns["prompt"], "responses": "answers"}
     return None
 
 
@@ -81,18 +87,36 @@ def _list(value: dict, column: str) -> list:
 
 
 def _ultrafeedback_score(completion: dict, key: str, column: str, where: str) -> float | None:
-    """A completion's score by `key`; None when an aspect is rated "N/A"."""
+    """A completion's score by `key`; None when an aspect is unrated (no rating, or "N/A")."""
     if key in ("overall_score", "fine-grained_score"):
         if key not in completion:
             raise RowError("missing_field", column, f"{where}no {key!r}")
         return _number(completion[key], column, where)
-    rating = ((completion.get("annotations") or {}).get(key) or {}).get("Rating")
-    if rating in (None, "N/A"):
+    annotations = completion.get("annotations")
+    if annotations is not None and not isinstance(annotations, dict):
+        raise RowError(
+            "invalid_type",
+            column,
+            f"{where}annotations: expected an object, got {type(annotations).__name__}",
+        )
+    aspect = (annotations or {}).get(key)
+    if aspect is not None and not isinstance(aspect, dict):
+        raise RowError(
+            "invalid_type",
+            column,
+            f"{where}annotations.{key}: expected an object, got {type(aspect).__name__}",
+        )
+    rating = (aspect or {}).get("Rating")
+    if rating is None or isinstance(rating, str) and rating.strip() == "N/A":
         return None
-    try:
-        return float(rating)
-    except (TypeError, ValueError):
-        raise RowError("invalid_score", column, f"{where}annotations.{key}.Rating is {rating!r}") from None
+    if isinstance(rating, str):
+        try:
+            rating = float(rating)
+        except ValueError:
+            raise RowError(
+                "invalid_score", column, f"{where}annotations.{key}.Rating is {rating!r}"
+            ) from None
+    return _number(rating, column, f"{where}annotations.{key}.Rating: ")
 
 
 def _scored_responses(
@@ -136,8 +160,24 @@ def _is_messages(value: list) -> bool:
     return bool(value) and all(isinstance(item, dict) and "role" in item for item in value)
 
 
+# Scores are decimals written in binary: 0.3 - 0.2 is 0.09999999999999998. A difference within this share of
+# the scores' size is rounding, not preference.
+GAP_TOLERANCE = 1e-9
+
+
+def clears_gap(high: float, low: float, min_score_gap: float) -> bool:
+    """Whether score `high` beats `low` by at least `min_score_gap` (and by more than rounding): the one rule for
+    comparisons (`comparisons_of`), Plackett-Luce's tie levels (`losses.tie_levels`) and the evaluation.
+
+    >>> clears_gap(0.3, 0.2, 0.1), clears_gap(0.3, 0.25, 0.1), clears_gap(0.1 + 0.2, 0.3, 0.0)
+    (True, False, False)
+    """
+    tolerance = GAP_TOLERANCE * max(1.0, abs(high), abs(low))
+    return high - low > tolerance and high - low >= min_score_gap - tolerance
+
+
 def comparisons_of(scores: list[float], min_score_gap: float) -> list[tuple[int, int]]:
-    """Every `(better, worse)` pair of response indices whose scores differ by at least the gap (and by > 0).
+    """Every `(better, worse)` pair of response indices whose scores clear the gap (`clears_gap`).
 
     >>> comparisons_of([1.0, 3.0, 1.05, 3.0], min_score_gap=0.1)
     [(1, 0), (1, 2), (3, 0), (3, 2)]
@@ -146,8 +186,44 @@ def comparisons_of(scores: list[float], min_score_gap: float) -> list[tuple[int,
         (better, worse)
         for better, high in enumerate(scores)
         for worse, low in enumerate(scores)
-        if high - low > 0 and high - low >= min_score_gap
+        if clears_gap(high, low, min_score_gap)
     ]
+
+
+def _prompt(value: dict, layout: str, columns: dict[str, str]) -> Any:
+    """The row's prompt. A ranking may go without one only when its entries are whole conversations (messages);
+    a ranking of texts without its prompt (or beside a `responses` column it would silently ignore) is refused."""
+    if layout == "ranking":
+        if "responses" in value and columns["ranking"] != "responses":
+            raise RowError(
+                "ambiguous_ranking",
+                columns["ranking"],
+                "the row also has 'responses': a ranking lists the responses themselves, best first (texts or "
+                "messages; a list holds ties), not indices into 'responses'; for scored responses give 'scores'",
+            )
+        if columns["prompt"] not in value:
+            entries = [
+                item
+                for entry in _list(value, columns["ranking"])
+                for item in (entry if isinstance(entry, list) and not _is_messages(entry) else [entry])
+            ]
+            if entries and all(isinstance(entry, list) and _is_messages(entry) for entry in entries):
+                return ""
+            raise RowError(
+                "missing_field",
+                columns["prompt"],
+                "missing: the ranking holds texts, which need their prompt "
+                "(--column_map prompt=COLUMN names another column)",
+            )
+    return content_field(value, columns["prompt"])
+
+
+def _response_key(prompt: Any, response: Content) -> Content:
+    """What a response is, for emptiness and repeats: a text beside a text prompt as it is; otherwise its own
+    messages (`response_messages`: prompt turns it repeats removed), as it is rendered for training."""
+    if isinstance(prompt, str) and isinstance(response, str):
+        return response
+    return response_messages(as_messages(prompt, "user"), response)
 
 
 def normalise_ranked(
@@ -163,13 +239,12 @@ def normalise_ranked(
     value, layout, columns = record.value, row_format.listwise, row_format.columns
     if not isinstance(value, dict):
         raise RowError("invalid_json", None, f"expected a JSON object, got {type(value).__name__}")
-    prompt = (
-        content_field(value, columns["prompt"]) if columns["prompt"] in value or layout != "ranking" else ""
-    )
+    prompt = _prompt(value, layout, columns)
     stored, scores = _scored_responses(value, layout, columns, options)
-    dropped = {"empty": 0, "duplicate": 0, "unrated": 0}
-    responses: list[Content] = []
-    kept_scores: list[float] = []
+    dropped = {"empty": 0, "duplicate": 0, "unrated": 0, "conflicting_scores": 0}
+    distinct: list[Content] = []  # each distinct response (first copy), its key and every copy's score
+    keys: list[Content] = []
+    copy_scores: list[list[float]] = []
     for index, (response, score) in enumerate(zip(stored, scores, strict=True)):
         column = columns.get("responses") or columns.get("ranking")
         try:
@@ -180,15 +255,26 @@ def normalise_ranked(
             ) from None
         if layout == "nectar" and isinstance(content, str) and not content[:1].isspace():
             content = " " + content
+        key = _response_key(prompt, content)
         if score is None:
             dropped["unrated"] += 1
-        elif is_empty(content):
+        elif is_empty(key):
             dropped["empty"] += 1
-        elif content in responses:
-            dropped["duplicate"] += 1
+        elif key in keys:
+            copy_scores[keys.index(key)].append(score)
         else:
+            distinct.append(content)
+            keys.append(key)
+            copy_scores.append([score])
+    responses: list[Content] = []
+    kept_scores: list[float] = []
+    for content, copies in zip(distinct, copy_scores, strict=True):
+        if len(set(copies)) > 1:
+            dropped["conflicting_scores"] += len(copies)
+        else:
+            dropped["duplicate"] += len(copies) - 1
             responses.append(content)
-            kept_scores.append(score)
+            kept_scores.append(copies[0])
     if len(responses) < 2:
         raise RowSkipped("fewer_than_two_responses", dropped)
     comparisons = comparisons_of(kept_scores, options.min_score_gap)
