@@ -414,7 +414,6 @@ def test_ranking_statistics_top1_and_kendall_tau():
     # Prompt 0: rewards order 2 > 0 > 1, scores order 0 > 1 > 2; prompt 1: a pair ranked right.
     table = RewardTable(
         rewards=[1.0, 0.0, 2.0, 0.5, 0.1],
-        scores=[3.0, 2.0, 1.0, 1.0, 0.0],
         groups=[0, 0, 0, 1, 1],
         better=[0, 0, 1, 3],
         worse=[1, 2, 2, 4],
@@ -423,6 +422,17 @@ def test_ranking_statistics_top1_and_kendall_tau():
     assert stats["num_pairs"] == 4 and stats["num_prompts"] == 2
     assert stats["accuracy"] == 0.5 and stats["top1_accuracy"] == 0.5
     assert stats["kendall_tau"] == pytest.approx(((1 - 2) / 3 + 1) / 2)
+
+
+def test_ranking_statistics_measure_against_the_comparisons():
+    # Scores 5, 4.95, 1 with a gap of 0.1 compare only (0, 2) and (1, 2): 0 and 1 are both best, their order
+    # is no miss (as for accuracy). A pair whose rewards tie: accuracy and tau both count no agreement.
+    table = RewardTable(
+        rewards=[1.0, 2.0, 0.0, 0.3, 0.3], groups=[0, 0, 0, 1, 1], better=[0, 1, 3], worse=[2, 2, 4]
+    )
+    stats = ranking_statistics(table)
+    assert stats["accuracy"] == pytest.approx(2 / 3) and stats["top1_accuracy"] == 0.5  # the tie: a miss
+    assert stats["kendall_tau"] == pytest.approx((2 / (3 * 2) ** 0.5 + 0.0) / 2)
 
 
 # --- training end to end ----------------------------------------------------------------------------------------

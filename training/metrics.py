@@ -24,13 +24,13 @@ class RewardTable:
     """Rewards of evaluated responses and what to compare, gathered batch by batch (and rank by rank).
 
     Attributes:
-        rewards, scores: `[N]` each response's reward and score (a pair's chosen scores 1, rejected 0).
+        rewards: `[N]` each response's reward.
         groups: `[N]` the example (prompt) of each response, 0..G-1.
-        better, worse: `[C]` indices into the N responses of each comparison.
+        better, worse: `[C]` indices into the N responses of each comparison (the data's, after the score gap:
+            what the rankings below are measured against).
     """
 
     rewards: list[float] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
     groups: list[int] = field(default_factory=list)
     better: list[int] = field(default_factory=list)
     worse: list[int] = field(default_factory=list)
@@ -48,7 +48,6 @@ class RewardTable:
         self.better += new_index[batch["better"][keep_comparisons]].tolist()
         self.worse += new_index[batch["worse"][keep_comparisons]].tolist()
         self.rewards += rewards.detach().float().cpu()[keep_responses].tolist()
-        self.scores += batch["scores"][keep_responses].tolist()
         self.groups += (batch["response_group"][keep_responses] + group_offset).tolist()
 
     def extend(self, other: RewardTable) -> None:
@@ -57,19 +56,31 @@ class RewardTable:
         self.better += [index + response_offset for index in other.better]
         self.worse += [index + response_offset for index in other.worse]
         self.rewards += other.rewards
-        self.scores += other.scores
         self.groups += [group + group_offset for group in other.groups]
 
 
-def kendall_tau_b(rewards: torch.Tensor, scores: torch.Tensor) -> float | None:
-    """Kendall's tau-b between rewards and scores (ties corrected); 0 when the rewards are all equal (they rank
-    nothing), None when the scores are (nothing to rank).
+def preference_signs(count: int, better: list[int], worse: list[int]) -> torch.Tensor:
+    """`[K, K]` +1 where response i is preferred over j by a comparison, -1 the reverse, 0 where no comparison
+    says (ties, and pairs within the score gap).
 
-    >>> kendall_tau_b(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([1.0, 0.5, 0.0]))
+    >>> preference_signs(3, [0, 0], [1, 2]).tolist()
+    [[0.0, 1.0, 1.0], [-1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]]
+    """
+    signs = torch.zeros(count, count, dtype=torch.double)
+    signs[better, worse] = 1.0
+    signs[worse, better] = -1.0
+    return signs
+
+
+def kendall_tau_b(rewards: torch.Tensor, preference: torch.Tensor) -> float | None:
+    """Kendall's tau-b between rewards and the data's preferences (`preference_signs`; pairs it does not order
+    count as tied); 0 when the rewards are all equal (they rank nothing), None when nothing is ordered.
+
+    >>> kendall_tau_b(torch.tensor([3.0, 2.0, 1.0]), preference_signs(3, [0, 0, 1], [1, 2, 2]))
     1.0
     """
     reward_sign = torch.sign(rewards[:, None] - rewards[None, :]).triu(1)
-    score_sign = torch.sign(scores[:, None] - scores[None, :]).triu(1)
+    score_sign = preference.triu(1)
     if not score_sign.any():
         return None
     denominator = math.sqrt(float((reward_sign != 0).sum()) * float((score_sign != 0).sum()))
@@ -84,27 +95,36 @@ def ranking_statistics(table: RewardTable) -> dict[str, float | int]:
         `accuracy`: share of comparisons whose better response got the higher reward (ties count as wrong);
         `chosen_mean`, `rejected_mean`, `margin_mean`: over comparisons (better, worse, better - worse);
         `reward_mean`, `reward_std`: over all responses (each once, population std); `num_pairs`: comparisons;
-        `num_prompts`: examples; `top1_accuracy`: share of prompts where a best-scored response gets a reward
-        above every other response's (ties count as wrong); `kendall_tau`: mean over prompts of Kendall's tau-b between rewards and scores (for pairs
-        +1 or -1, i.e. 2 * accuracy - 1).
+        `num_prompts`: examples; `top1_accuracy`: share of prompts where a best response (one no comparison
+        places below another) gets a reward above every other response's (ties count as wrong); `kendall_tau`:
+        mean over prompts of Kendall's tau-b between rewards and the comparisons (pairs within the score gap
+        count as tied; for a pair +1, -1, or 0 when its rewards tie, which `accuracy` counts as wrong). Both
+        measure against the comparisons, as `accuracy` does, so a near-tie within `--min_score_gap` is never a
+        miss.
     """
     if not table.better:
         raise ValueError("no pairs (comparisons) to evaluate")
-    rewards, scores = (
-        torch.tensor(table.rewards, dtype=torch.double),
-        torch.tensor(table.scores, dtype=torch.double),
-    )
+    rewards = torch.tensor(table.rewards, dtype=torch.double)
     groups = torch.tensor(table.groups)
     better, worse = rewards[torch.tensor(table.better)], rewards[torch.tensor(table.worse)]
+    members = [(groups == group).nonzero().flatten().tolist() for group in range(int(groups.max()) + 1)]
+    comparisons: list[tuple[list[int], list[int]]] = [([], []) for _ in members]
+    for first, second in zip(table.better, table.worse, strict=True):
+        group = table.groups[first]
+        comparisons[group][0].append(first)
+        comparisons[group][1].append(second)
     top1, taus = [], []
-    for group in torch.unique(groups).tolist():
-        member = groups == group
-        group_rewards, group_scores = rewards[member], scores[member]
-        best = group_scores == group_scores.max()
-        if best.all():
+    for member, (group_better, group_worse) in zip(members, comparisons, strict=True):
+        if not group_better:
             continue
+        local = {response: index for index, response in enumerate(member)}
+        preference = preference_signs(
+            len(member), [local[i] for i in group_better], [local[i] for i in group_worse]
+        )
+        group_rewards = rewards[member]
+        best = ~(preference == -1).any(dim=1)  # no comparison places it below another
         top1.append(float(group_rewards[best].max() > group_rewards[~best].max()))
-        tau = kendall_tau_b(group_rewards, group_scores)
+        tau = kendall_tau_b(group_rewards, preference)
         if tau is not None:
             taus.append(tau)
     return {
@@ -135,7 +155,6 @@ def reward_statistics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tens
     return ranking_statistics(
         RewardTable(
             rewards=torch.cat([chosen, rejected]).tolist(),
-            scores=[1.0] * pairs + [0.0] * pairs,
             groups=list(range(pairs)) * 2,
             better=list(range(pairs)),
             worse=list(range(pairs, 2 * pairs)),
