@@ -4,12 +4,16 @@ segment attention): what this project's two CPU step settings do to it.
     python benchmarks/alpaca_multi_variants.py --out_dir /tmp/kwise-data           # the data variants first
     python benchmarks/bench_cpu_step.py bound --data_dir /tmp/kwise-data --rounds 4
     python benchmarks/bench_cpu_step.py malloc --data_dir /tmp/kwise-data --rounds 3
+    python benchmarks/bench_cpu_step.py profile --data_dir /tmp/kwise-data --rounds 2
 
 `bound`: `segment_attention.CPU_FP32_BACKWARD_MAX_KEYS` set to each of `--bounds` in turn in one process (0 = every
 backward in the bf16 kernel), interleaved, on a K-wise row (`--tokens`, max_seq_len 512) and on hh pairs
 (`--hh_tokens`); medians of per-round time ratios against the first bound. `malloc`: the K-wise row in separate
 processes with and without `model_utils.distributed.keep_freed_memory` (alternating); per process the median of
-steps 2-4, and each step's minor page faults and system time.
+steps 2-4, and each step's minor page faults and system time. `profile`: where a step's time goes, from the torch
+profiler over `--rounds` steps of the K-wise row after one warm-up step: each category's share of the ops' self time
+(matmuls, the CPU attention kernels forward and backward, the rest: elementwise ops, casts and copies) and the
+matmuls' GFLOP/s (the profiler's FLOP count).
 """
 
 from __future__ import annotations
@@ -101,11 +105,47 @@ def malloc_worker(data_path: str, budget: int) -> dict:
     }
 
 
+# Op names by category for `profile`; every other op is "other" (elementwise, casts, copies, reductions).
+PROFILE_CATEGORIES = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm"),
+    "attention forward kernel": ("aten::_scaled_dot_product_flash_attention_for_cpu",),
+    "attention backward kernel": ("aten::_scaled_dot_product_flash_attention_for_cpu_backward",),
+}
+
+
+def profile_rows(data_path: str, budget: int, rounds: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    step, tokens = build(data_path, budget)
+    step()  # warm-up
+    seconds, self_us, matmul_flops = [], {}, 0
+    for _ in range(rounds):  # one profiler per step: a profiler's records of several steps exhaust 24 GiB
+        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as profiler:
+            seconds.append(step())
+        for event in profiler.key_averages():
+            self_us[event.key] = self_us.get(event.key, 0) + event.self_cpu_time_total
+            matmul_flops += event.flops if event.key in PROFILE_CATEGORIES["matmul"] else 0
+    total = sum(self_us.values())
+    category_us = {
+        category: sum(self_us.get(name, 0) for name in names)
+        for category, names in PROFILE_CATEGORIES.items()
+    }
+    category_us["other"] = total - sum(category_us.values())
+    top = sorted(self_us.items(), key=lambda item: -item[1])[:12]
+    return {
+        "tokens": tokens,
+        "step_s": [round(value, 2) for value in seconds],
+        "share_of_op_time": {category: round(us / total, 3) for category, us in category_us.items()},
+        "matmul_gflop_per_s": round(matmul_flops / (category_us["matmul"] / 1e6) / 1e9, 1),
+        "top_ops_s": {name: round(us / 1e6 / rounds, 3) for name, us in top},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=["bound", "malloc"])
+    parser.add_argument("what", choices=["bound", "malloc", "profile"])
     parser.add_argument("--data_dir", required=True)
     parser.add_argument("--tokens", type=int, default=5800)
     parser.add_argument("--hh_tokens", type=int, default=1500)
@@ -122,7 +162,9 @@ def main() -> None:
     if args.worker:
         print(json.dumps(malloc_worker(kwise_path, args.tokens)))
         return
-    if args.what == "bound":
+    if args.what == "profile":
+        results = {"kwise bf16 512": profile_rows(kwise_path, args.tokens, args.rounds)}
+    elif args.what == "bound":
         results = {
             "kwise bf16 512": bound_rows(kwise_path, args.tokens, args.bounds, args.rounds),
             "hh bf16 512": bound_rows(str(bench_rm.HH_PATH), args.hh_tokens, args.bounds, args.rounds),
