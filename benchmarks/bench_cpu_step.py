@@ -4,7 +4,7 @@ segment attention): what this project's two CPU step settings do to it.
     python benchmarks/alpaca_multi_variants.py --out_dir /tmp/kwise-data           # the data variants first
     python benchmarks/bench_cpu_step.py bound --data_dir /tmp/kwise-data --rounds 4
     python benchmarks/bench_cpu_step.py malloc --data_dir /tmp/kwise-data --rounds 3
-    python benchmarks/bench_cpu_step.py profile --data_dir /tmp/kwise-data --rounds 2
+    python benchmarks/bench_cpu_step.py profile --data_dir /tmp/kwise-data --rounds 4
 
 `bound`: `segment_attention.CPU_FP32_BACKWARD_MAX_KEYS` set to each of `--bounds` in turn in one process (0 = every
 backward in the bf16 kernel), interleaved, on a K-wise row (`--tokens`, max_seq_len 512) and on hh pairs

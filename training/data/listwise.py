@@ -10,8 +10,9 @@ Layouts (`LISTWISE_LAYOUTS`; the prompt is text or chat messages, each response 
       `answers[].answer` ranked by `answers[].rank` (1 is best); each answer is joined to the prompt after a space.
 
 Two responses give a comparison `(better, worse)` when the better one's score exceeds the other's by at least
-`min_score_gap` (and by more than 0), up to the rounding of decimal scores (`clears_gap`, the one definition the
-losses and metrics use too): ties and near-ties give none. Empty and repeated responses are dropped from their row
+`min_score_gap` (and by more than 0), up to the rounding of decimal scores (`clears_gap`, the one definition:
+Plackett-Luce's tie levels use it too, and the evaluation measures against the comparisons it makes): ties and
+near-ties give none. Empty and repeated responses are dropped from their row
 and counted (a response is its own turns: one that repeats the prompt's turns is the same response without
 them); a response given twice with different scores is dropped, every copy, and counted as `conflicting_scores`.
 A row left without a comparison (all scores tied, fewer than two distinct responses) is skipped and counted, never
@@ -167,7 +168,8 @@ GAP_TOLERANCE = 1e-9
 
 def clears_gap(high: float, low: float, min_score_gap: float) -> bool:
     """Whether score `high` beats `low` by at least `min_score_gap` (and by more than rounding): the one rule for
-    comparisons (`comparisons_of`), Plackett-Luce's tie levels (`losses.tie_levels`) and the evaluation.
+    comparisons (`comparisons_of`, which the evaluation measures against) and Plackett-Luce's tie levels
+    (`losses.tie_levels`).
 
     >>> clears_gap(0.3, 0.2, 0.1), clears_gap(0.3, 0.25, 0.1), clears_gap(0.1 + 0.2, 0.3, 0.0)
     (True, False, False)
@@ -190,9 +192,10 @@ def comparisons_of(scores: list[float], min_score_gap: float) -> list[tuple[int,
     ]
 
 
-def _prompt(value: dict, layout: str, columns: dict[str, str]) -> Any:
-    """The row's prompt. A ranking may go without one only when its entries are whole conversations (messages);
-    a ranking of texts without its prompt (or beside a `responses` column it would silently ignore) is refused."""
+def _prompt(value: dict, layout: str, columns: dict[str, str], stored: list[Any]) -> Any:
+    """The row's prompt (`stored`: its responses as `_scored_responses` reads them). A ranking may go without one
+    only when its entries are whole conversations (messages); a ranking of texts without its prompt (or beside a
+    `responses` column it would silently ignore) is refused."""
     if layout == "ranking":
         if "responses" in value and columns["ranking"] != "responses":
             raise RowError(
@@ -202,12 +205,7 @@ def _prompt(value: dict, layout: str, columns: dict[str, str]) -> Any:
                 "messages; a list holds ties), not indices into 'responses'; for scored responses give 'scores'",
             )
         if columns["prompt"] not in value:
-            entries = [
-                item
-                for entry in _list(value, columns["ranking"])
-                for item in (entry if isinstance(entry, list) and not _is_messages(entry) else [entry])
-            ]
-            if entries and all(isinstance(entry, list) and _is_messages(entry) for entry in entries):
+            if stored and all(isinstance(entry, list) and _is_messages(entry) for entry in stored):
                 return ""
             raise RowError(
                 "missing_field",
@@ -239,8 +237,8 @@ def normalise_ranked(
     value, layout, columns = record.value, row_format.listwise, row_format.columns
     if not isinstance(value, dict):
         raise RowError("invalid_json", None, f"expected a JSON object, got {type(value).__name__}")
-    prompt = _prompt(value, layout, columns)
     stored, scores = _scored_responses(value, layout, columns, options)
+    prompt = _prompt(value, layout, columns, stored)
     dropped = {"empty": 0, "duplicate": 0, "unrated": 0, "conflicting_scores": 0}
     distinct: list[Content] = []  # each distinct response (first copy), its key and every copy's score
     keys: list[Content] = []
