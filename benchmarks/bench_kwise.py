@@ -20,7 +20,9 @@ reported beside it.
 held-out prompts (K-wise rows: accuracy over gap-filtered comparisons, top-1, Kendall tau): K-wise with both
 losses for `--kwise_steps` steps; binarized and expanded pairs with an evaluation at the same step and at the
 end of `--pairwise_steps` steps (default: as many as fit the K-wise run's training time, from its measured
-step time), constant learning rate so an intermediate evaluation is comparable.
+step time), constant learning rate so an intermediate evaluation is comparable. `--seeds` repeats every run with
+each seed (data order and the reward head's initialisation); the summary gives each metric per seed and its mean,
+and every K-wise run's per-seed difference from the other runs (paired by seed).
 """
 
 from __future__ import annotations
@@ -243,79 +245,130 @@ def throughput(args: argparse.Namespace) -> dict:
     return {"trl_versions": versions, "per_step": per_step, "summary": summary, "rounds": rounds}
 
 
+def equal_time_steps(args: argparse.Namespace, variant: str, kwise_runs: list[dict], work: Path) -> int:
+    """The steps of a pairwise variant whose training time matches the K-wise runs': their mean seconds per step
+    times `--kwise_steps`, over this variant's own step time measured in a short probe run (its first 3 steps cost
+    what the rest do). Measured once per `--work_dir` (`steps-<variant>.json`), so every seed trains as long."""
+    done = work / f"steps-{variant}.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    step_s = statistics.mean(train[-1]["elapsed_s"] / train[-1]["step"] for train in kwise_runs)
+    probe = run_train_rm(
+        args,
+        [
+            *variant_flags(args, variant),
+            *common_flags(args),
+            "--eval_data_path",
+            str(Path(args.data_dir) / "eval_kwise.jsonl[:2]"),
+            "--max_steps",
+            "4",
+        ],  # fmt: skip
+        work / f"probe-{variant}",
+        work / f"probe-{variant}.log",
+    )
+    own = (probe["train"][-1]["elapsed_s"] - probe["train"][0]["elapsed_s"]) / 3
+    steps = max(args.kwise_steps, round(step_s * args.kwise_steps / own))
+    done.write_text(json.dumps(steps))
+    return steps
+
+
 def experiment(args: argparse.Namespace) -> dict:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     eval_flags = ["--eval_data_path", str(Path(args.data_dir) / f"eval_kwise.jsonl[:{args.eval_rows}]")]
-    runs, commands = {}, {}
-    for variant in args.variants:
-        kwise = variant.startswith("kwise")
-        steps = args.kwise_steps
-        if not kwise:
-            measured = [runs[name]["train"] for name in runs if name.startswith("kwise")]
-            step_s = statistics.mean(train[-1]["elapsed_s"] / train[-1]["step"] for train in measured)
-            steps = args.pairwise_steps or 0
-            extra = ["--eval_interval", str(args.kwise_steps)]
-        else:
-            extra = []
-        if not kwise and not steps:
-            # equal training time: the K-wise runs' mean seconds per step times their steps, over this variant's
-            # own step time measured in a short probe run (its first 3 steps cost what the rest do)
-            probe = run_train_rm(
-                args,
-                [
-                    *variant_flags(args, variant),
-                    *common_flags(args),
-                    "--eval_data_path",
-                    str(Path(args.data_dir) / "eval_kwise.jsonl[:2]"),
-                    "--max_steps",
-                    "4",
-                ],  # fmt: skip
-                work / f"probe-{variant}",
-                work / f"probe-{variant}.log",
-            )
-            own = (probe["train"][-1]["elapsed_s"] - probe["train"][0]["elapsed_s"]) / 3
-            steps = max(args.kwise_steps, round(step_s * args.kwise_steps / own))
-        flags = [
-            *variant_flags(args, variant),
-            *common_flags(args),
-            *eval_flags,
-            "--max_steps",
-            str(steps),
-            *extra,
-        ]
-        commands[variant] = (
-            "python -m training.train_rm " + " ".join(flags) + f" --output_dir {work / variant}"
-        )
-        print(commands[variant], flush=True)
-        done = work / f"{variant}.json"
-        if done.exists():  # finished by an earlier, interrupted invocation with this --work_dir
-            runs[variant] = json.loads(done.read_text())
-        else:
-            runs[variant] = run_train_rm(args, flags, work / variant, work / f"{variant}.log")
-            done.write_text(json.dumps(runs[variant]))
-        print(variant, runs[variant]["eval"], flush=True)
-    table = []
-    for variant, run in runs.items():
-        train = run["train"]
-        for record in run["eval"]:
-            table.append(
-                {
-                    "variant": variant,
-                    "step": record["step"],
-                    "train_s": next(r["elapsed_s"] for r in train if r["step"] == record["step"]),
-                    "examples_seen": next(r["pairs_seen"] for r in train if r["step"] == record["step"]),
-                    **{
-                        key: record[f"eval_{key}"]
-                        for key in ("accuracy", "num_pairs", "top1_accuracy", "kendall_tau")
-                    },
-                }
-            )
+    runs, commands, table = {}, {}, []
+    for seed in args.seeds:
+        for variant in args.variants:
+            name = f"{variant}-seed{seed}"
+            extra = ["--seed", str(seed)]
+            steps = args.kwise_steps
+            if not variant.startswith("kwise"):
+                kwise_runs = [run["train"] for key, run in runs.items() if key.startswith("kwise")]
+                steps = args.pairwise_steps or equal_time_steps(args, variant, kwise_runs, work)
+                extra += ["--eval_interval", str(args.kwise_steps)]
+            flags = [
+                *variant_flags(args, variant),
+                *common_flags(args),
+                *eval_flags,
+                "--max_steps",
+                str(steps),
+            ]
+            flags += extra
+            commands[name] = "python -m training.train_rm " + " ".join(flags) + f" --output_dir {work / name}"
+            print(commands[name], flush=True)
+            done = work / f"{name}.json"
+            if done.exists():  # finished by an earlier, interrupted invocation with this --work_dir
+                runs[name] = json.loads(done.read_text())
+            else:
+                runs[name] = run_train_rm(args, flags, work / name, work / f"{name}.log")
+                done.write_text(json.dumps(runs[name]))
+            print(name, runs[name]["eval"], flush=True)
+            train = runs[name]["train"]
+            for record in runs[name]["eval"]:
+                row = next(r for r in train if r["step"] == record["step"])
+                table.append(
+                    {
+                        "variant": variant,
+                        "seed": seed,
+                        "step": record["step"],
+                        "train_s": row["elapsed_s"],
+                        "examples_seen": row["pairs_seen"],
+                        **{key: record[f"eval_{key}"] for key in (*METRICS, "num_pairs")},
+                    }
+                )
     return {
         "commands": commands,
         "table": table,
+        "summary": experiment_summary(table, args.kwise_steps),
         "runs": {k: {**v, "train": v["train"][-1:]} for k, v in runs.items()},
     }
+
+
+METRICS = ("accuracy", "top1_accuracy", "kendall_tau")
+
+
+def experiment_summary(table: list[dict], kwise_steps: int) -> dict:
+    """Per variant and evaluation point (`equal_steps`: step `kwise_steps`; `end`: the run's last step, equal
+    training time for the pairwise runs) each metric's per-seed values and mean; and per K-wise variant, its
+    per-seed difference from every other variant at each point (K-wise minus other, paired by seed)."""
+    points: dict[str, dict[str, dict[int, dict]]] = {}
+    for variant in dict.fromkeys(row["variant"] for row in table):
+        rows = [row for row in table if row["variant"] == variant]
+        last = max(row["step"] for row in rows)
+        points[variant] = {
+            point: {row["seed"]: row for row in rows if row["step"] == step}
+            for point, step in (("equal_steps", kwise_steps), ("end", last))
+            if point == "equal_steps" or last != kwise_steps
+        }
+    summary = {}
+    for variant, by_point in points.items():
+        for point, by_seed in by_point.items():
+            entry = {"steps": sorted({row["step"] for row in by_seed.values()}), "seeds": sorted(by_seed)}
+            for metric in METRICS:
+                values = [by_seed[seed][metric] for seed in sorted(by_seed)]
+                entry[metric] = {
+                    "per_seed": [round(v, 4) for v in values],
+                    "mean": round(statistics.mean(values), 4),
+                }
+            summary[f"{variant} {point}"] = entry
+    for kwise in (variant for variant in points if variant.startswith("kwise")):
+        for other in (variant for variant in points if variant != kwise):
+            for point, by_seed in points[other].items():
+                seeds = sorted(set(by_seed) & set(points[kwise]["equal_steps"]))
+                if not seeds:
+                    continue
+                entry = {"seeds": seeds}
+                for metric in METRICS:
+                    diffs = [
+                        points[kwise]["equal_steps"][seed][metric] - by_seed[seed][metric] for seed in seeds
+                    ]
+                    entry[metric] = {
+                        "per_seed": [round(d, 4) for d in diffs],
+                        "mean": round(statistics.mean(diffs), 4),
+                        "seeds_at_least": sum(d >= 0 for d in diffs),
+                    }
+                summary[f"{kwise} minus {other} {point}"] = entry
+    return summary
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -346,6 +399,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--eval_rows", type=int, default=100, help="Held-out prompts evaluated (all 100).")
     parser.add_argument("--pairwise_steps", type=int, default=0, help="0: equal training time (see above).")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[1234], help="experiment: train_rm's --seed of each repeat."
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--omp_wait_policy", default="PASSIVE")
     parser.add_argument("--matmul_size", type=int, default=2048)
