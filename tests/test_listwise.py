@@ -24,7 +24,7 @@ from training.data.collate import PackedCollator, PaddedCollator
 from training.data.listwise import comparisons_of
 from training.data.records import ListwiseOptions, RankedRow
 from training.layout import MASK, SEGMENTS, BatchLayout, batch_rewards
-from training.losses import comparison_loss, pairwise_loss, plackett_luce_loss, tie_levels
+from training.losses import comparison_loss, pairwise_loss, plackett_luce_loss, ranking_levels
 from training.metrics import RewardTable, ranking_statistics
 
 MULTI = (
@@ -231,16 +231,23 @@ def test_one_score_gap_rule_for_comparisons_levels_and_decimal_scores(tmp_path):
     assert comparisons_of([0.3, 0.2, 0.1], 0.1) == [(0, 1), (0, 2), (1, 2)]
     assert comparisons_of([8.1, 8.0, 1.0], 0.1) == [(0, 1), (0, 2), (1, 2)]
     assert comparisons_of([0.1 + 0.2, 0.3], 0.0) == []  # equal up to rounding: a tie
-    # Plackett-Luce's levels order every comparison the data makes, on decimal grids (and negative ranks).
+    # Plackett-Luce's levels (from the comparisons) order every comparison, and on scores they are a greedy pass
+    # from the top: a response joins the level of the best score it does not clear the gap below.
     generator = torch.Generator().manual_seed(0)
     for trial in range(300):
         step, gap = (0.1, 0.1) if trial % 3 else (1.0, 1.0)
-        scores = (torch.randint(-30, 30, (int(torch.randint(2, 7, (1,), generator=generator)),),
+        scores = (torch.randint(-30, 30, (int(torch.randint(2, 9, (1,), generator=generator)),),
                                 generator=generator) * step).tolist()  # fmt: skip
-        levels = tie_levels(torch.tensor(scores, dtype=torch.float64), gap)
         comparisons = comparisons_of(scores, gap)
+        better, worse = (torch.tensor([c[i] for c in comparisons], dtype=torch.long) for i in (0, 1))
+        levels = ranking_levels(better, worse, len(scores))
         assert all(levels[b] < levels[w] for b, w in comparisons), (scores, levels)
-        assert (int(levels.max()) > 0) == bool(comparisons), (scores, levels)
+        greedy, level, top = {}, -1, None
+        for index in sorted(range(len(scores)), key=lambda i: -scores[i]):
+            if top is None or comparisons_of([top, scores[index]], gap):
+                level, top = level + 1, scores[index]
+            greedy[index] = level
+        assert levels.tolist() == [greedy[i] for i in range(len(scores))], (scores, levels)
     # End to end: a row whose only gap equals the threshold trains under Plackett-Luce (it used to raise).
     path = write_jsonl(
         tmp_path / "gap.jsonl", [{"prompt": "Q", "responses": [" a", " b"], "scores": [3.0, 2.9]}]
@@ -248,9 +255,31 @@ def test_one_score_gap_rule_for_comparisons_levels_and_decimal_scores(tmp_path):
     data = load_preference_data([path], make_tokenizer(with_pad=True), 32, eval_fraction=0.0,
                                 listwise=ListwiseOptions(min_score_gap=0.1))  # fmt: skip
     batch = PaddedCollator(PAD)(list(data.train))
-    assert batch["scores"].dtype == torch.float64
-    loss = plackett_luce_loss(torch.tensor([0.5, 0.0]), batch["scores"], batch["response_group"], 0.1)
+    loss = plackett_luce_loss(
+        torch.tensor([0.5, 0.0]), batch["better"], batch["worse"], batch["response_group"]
+    )
     torch.testing.assert_close(loss, pairwise_loss(torch.tensor([0.5]), torch.tensor([0.0])))
+
+
+def test_plackett_luce_trains_pairs_beside_groups_at_any_score_gap(tmp_path):
+    # A pair's preference is given, not scored: a gap above 1 used to put both its responses on one level and
+    # raise. Pair + group in one batch: the mean of the pair's Bradley-Terry loss and the group's ranking loss.
+    tokenizer = make_tokenizer(with_pad=True)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Q", "chosen": " a", "rejected": " b"}])
+    groups = write_jsonl(
+        tmp_path / "groups.jsonl",
+        [{"prompt": "R", "responses": [" a", " b", " c"], "scores": [9.0, 5.0, 1.0]}],
+    )
+    data = load_preference_data([pairs, groups], tokenizer, 32, eval_fraction=0.0,
+                                listwise=ListwiseOptions(min_score_gap=2.0))  # fmt: skip
+    batch = PaddedCollator(PAD)(list(data.train))
+    rewards = torch.tensor([0.4, 2.0, -0.3, 1.0, 0.5])  # branch-major: first responses, then second ones, ...
+    loss = plackett_luce_loss(rewards, batch["better"], batch["worse"], batch["response_group"])
+    pair, group = (batch["response_group"] == index for index in (0, 1))
+    chosen, rejected = rewards[pair]
+    r = rewards[group]
+    ranking = (-r[0] + torch.logsumexp(r, 0)) + (-r[1] + torch.logsumexp(r[1:], 0))
+    torch.testing.assert_close(loss, (pairwise_loss(chosen[None], rejected[None]) + ranking) / 2)
 
 
 def test_pairs_and_kwise_rows_mix_in_one_run(tmp_path):
@@ -392,22 +421,56 @@ def test_comparison_loss_weighs_each_prompt_once_and_is_the_pairwise_loss_for_pa
     torch.testing.assert_close(comparison_loss(rewards, better, worse, group), expected)
 
 
+def test_plackett_luce_says_that_the_datas_margins_go_unused(tmp_path, caplog):
+    from training.arguments import parse_args
+    from training.train_rm import load_data
+
+    rows = [{"prompt": "Q", "chosen": f" a{i}", "rejected": " b", "margin": 2.0} for i in range(4)]
+    path = write_jsonl(tmp_path / "margins.jsonl", rows)
+    for loss, warned in (("pairs", False), ("plackett_luce", True)):
+        config = parse_args(["--data_path", path, "--output_dir", str(tmp_path / loss), "--listwise_loss", loss,
+                             "--eval_fraction", "0.5", "--data_cache_dir", str(tmp_path / "cache")])  # fmt: skip
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="training.train_rm"):
+            data = load_data(config, make_tokenizer(with_pad=True))
+        assert data.train.has_margins
+        assert ("margins are not used" in caplog.text) == warned, loss
+
+
+def plackett_luce_of_scores(rewards: torch.Tensor, scores: list[float], gap: float = 0.0) -> torch.Tensor:
+    """Plackett-Luce of one prompt whose responses have `scores` (comparisons as the data makes them)."""
+    comparisons = comparisons_of(scores, gap)
+    better, worse = (torch.tensor([c[i] for c in comparisons], dtype=torch.long) for i in (0, 1))
+    return plackett_luce_loss(rewards, better, worse, torch.zeros(len(scores), dtype=torch.long))
+
+
 def test_plackett_luce_is_bradley_terry_for_pairs_and_handles_ties():
     rewards = torch.tensor([1.5, -0.5])
-    pl = plackett_luce_loss(rewards, torch.tensor([1.0, 0.0]), torch.tensor([0, 0]))
+    pl = plackett_luce_of_scores(rewards, [1.0, 0.0])
     torch.testing.assert_close(pl, pairwise_loss(rewards[:1], rewards[1:]))
     # Scores (3, 1, 1, 0): stage 1 picks the best of all four, stage 2 the tied pair together (Breslow), the last
     # response adds nothing.
     rewards = torch.tensor([2.0, 0.5, 1.0, -1.0], requires_grad=True)
-    loss = plackett_luce_loss(rewards, torch.tensor([3.0, 1.0, 1.0, 0.0]), torch.zeros(4, dtype=torch.long))
+    loss = plackett_luce_of_scores(rewards, [3.0, 1.0, 1.0, 0.0])
     r = rewards.detach()
     expected = (-r[0] + torch.logsumexp(r, 0)) + (-(r[1] + r[2]) + 2 * torch.logsumexp(r[1:], 0))
     torch.testing.assert_close(loss, expected)
     loss.backward()
     assert rewards.grad[0] < 0 < rewards.grad[3]  # the best is pushed up, the worst down
     # A near-tie within the gap shares a stage.
-    near = plackett_luce_loss(r, torch.tensor([3.0, 1.0, 1.01, 0.0]), torch.zeros(4, dtype=torch.long), 0.05)
-    torch.testing.assert_close(near, expected)
+    torch.testing.assert_close(plackett_luce_of_scores(r, [3.0, 1.0, 1.01, 0.0], 0.05), expected)
+
+
+def test_plackett_luce_treats_tied_responses_alike_at_the_top_and_at_the_bottom():
+    # A tied last level is chosen from itself, as any other tied level is: its term pulls the tied rewards
+    # together (it used to be left out, so ties at the bottom were free to spread apart).
+    r = torch.tensor([1.0, -1.0, -3.0])
+    bottom = plackett_luce_of_scores(r, [2.0, 1.0, 1.0])  # A > [B = C]
+    expected = (-r[0] + torch.logsumexp(r, 0)) + (-(r[1] + r[2]) + 2 * torch.logsumexp(r[1:], 0))
+    torch.testing.assert_close(bottom, expected)
+    rewards = torch.tensor([1.0, -1.0, -3.0], requires_grad=True)
+    plackett_luce_of_scores(rewards, [2.0, 1.0, 1.0]).backward()
+    assert rewards.grad[1] > 0 > rewards.grad[2]  # the tied pair is drawn together
 
 
 def test_ranking_statistics_top1_and_kendall_tau():
@@ -469,6 +532,20 @@ def test_kwise_training_learns_and_evaluates_rankings(ranked_setup, tmp_path):
     )  # fmt: skip
     record = json.loads(evaluated.stdout.strip().splitlines()[-1])
     assert {"top1_accuracy", "kendall_tau", "num_prompts"} <= record.keys() and record["num_prompts"] > 100
+
+
+def test_train_accuracy_is_over_the_steps_comparisons_however_a_step_is_split(ranked_setup, tmp_path):
+    # Groups give 2-10 comparisons each: a mean of per-micro-batch accuracies would weigh a pair's one comparison
+    # like a group's ten, so 4 micro-batches of 1 would log another accuracy than 1 micro-batch of 4.
+    model, data = ranked_setup
+    accuracies = []
+    for per_device, accumulation in ((4, 1), (1, 4)):
+        output = str(tmp_path / f"split{accumulation}")
+        flags = [*COMMON, "--max_steps", "3", "--logging_steps", "1", "--per_device_train_batch_size",
+                 str(per_device), "--gradient_accumulation_steps", str(accumulation)]  # fmt: skip
+        run_command([sys.executable, *train_rm_args(model, data, output, *flags)])
+        accuracies.append([record["train_accuracy"] for record in read_metrics(output)[0]])
+    assert len(accuracies[0]) == 3 and accuracies[1] == pytest.approx(accuracies[0], abs=1e-6)
 
 
 def test_resume_in_the_middle_of_a_kwise_epoch(ranked_setup, tmp_path):

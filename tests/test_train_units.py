@@ -89,6 +89,7 @@ def test_defaults_parse_and_dschat_flag_names_exist():
         (["--max_steps", "0"], "--max_steps must be positive"),
         (["--eval_fraction", "1.5"], "--eval_fraction must be in"),
         (["--deepspeed_config", "/nonexistent.json"], "no such file"),
+        (["--listwise_loss", "plackett_luce", "--score_gap_margin", "1"], "plackett_luce has none"),
     ],
 )
 def test_bad_flags_exit_2_naming_the_flag(flags, message, capsys):
@@ -182,8 +183,15 @@ def test_pairwise_loss_values_and_margin():
     assert torch.allclose(
         with_margin, -(F.logsigmoid(torch.tensor(1.0)) + F.logsigmoid(torch.tensor(-1.0))) / 2
     )
-    assert center_rewards_loss(torch.tensor([1.0]), torch.tensor([-1.0])).item() == 0.0
-    assert center_rewards_loss(torch.tensor([1.0]), torch.tensor([1.0])).item() == 4.0
+    one = torch.tensor([0])
+    assert center_rewards_loss(torch.tensor([1.0]), torch.tensor([-1.0]), one).item() == 0.0
+    assert center_rewards_loss(torch.tensor([1.0]), torch.tensor([1.0]), one).item() == 4.0
+    # Pairs: TRL's mean((r_c + r_r)^2). A prompt with three comparisons weighs as one pair does, as in the loss.
+    better, worse = torch.tensor([1.0, 2.0, 2.0, 1.0]), torch.tensor([0.0, 0.0, 1.0, 1.0])
+    pairs = center_rewards_loss(better, worse, torch.arange(4))
+    assert pairs.item() == pytest.approx(((better + worse) ** 2).mean().item())
+    grouped = center_rewards_loss(better, worse, torch.tensor([0, 0, 0, 1]))
+    assert grouped.item() == pytest.approx(((1 + 4 + 9) / 3 + 4) / 2)
 
 
 def dschat_reference_loss(

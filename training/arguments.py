@@ -310,6 +310,8 @@ class TrainConfig:
             problems.append(f"--deepspeed_config {self.deepspeed_config}: no such file")
         if self.min_score_gap < 0 or self.score_gap_margin < 0:
             problems.append("--min_score_gap and --score_gap_margin must not be negative")
+        if self.listwise_loss == "plackett_luce" and self.score_gap_margin > 0:
+            problems.append("--score_gap_margin is a margin of --listwise_loss pairs; plackett_luce has none")
         if self.loss_type == "dschat" and self.listwise_loss != "pairs":
             problems.append("--loss_type dschat takes pairs only; it cannot be combined with --listwise_loss")
         if problems:

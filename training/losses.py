@@ -3,7 +3,7 @@
 bradley_terry      -log sigmoid(r_better - r_worse - margin), per comparison
 pairwise_loss      its mean over pairs (TRL's two-line loss)
 comparison_loss    all-pairs Bradley-Terry: every comparison of a prompt, each prompt one batch element
-plackett_luce_loss the likelihood of each prompt's whole ranking, ties sharing a stage
+plackett_luce_loss the likelihood of each prompt's ranking (levels from its comparisons), ties sharing a stage
 center_rewards_loss, divergence_span_loss (DeepSpeed-Chat's)
 """
 
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from training.data.listwise import clears_gap
 
 
 def bradley_terry(
@@ -68,54 +66,64 @@ def comparison_loss(
     return group_mean(bradley_terry(rewards[better], rewards[worse], margin), group).mean()
 
 
-def tie_levels(scores: torch.Tensor, min_score_gap: float = 0.0) -> torch.Tensor:
-    """Rank level of each score, 0 = best: a score that does not clear the gap (`clears_gap`, the rule that
-    makes the data's comparisons) below the best score of its level shares that level (exact ties always do).
+def ranking_levels(better: torch.Tensor, worse: torch.Tensor, num_responses: int) -> torch.Tensor:
+    """`[N]` rank level of each response, 0 = best, from the comparisons alone: one below the deepest response a
+    comparison places above it (0 when none does). Responses no comparison separates share a level, so the
+    levels order every comparison, and a pair's are 0 and 1 whatever its scores (a pair's preference is given,
+    not scored). On scores, these are the levels of a greedy pass from the top (a response joins the level of the
+    best score it does not clear the gap below); a gap is not transitive, so levels can order two responses that
+    no comparison orders (3.0, 2.92, 2.84, 2.76 at gap 0.1: 2.92 above 2.84).
 
-    >>> tie_levels(torch.tensor([1.0, 3.0, 2.95, 1.0, 2.0]), min_score_gap=0.1).tolist()
-    [2, 0, 0, 2, 1]
+    >>> ranking_levels(torch.tensor([1, 2, 0]), torch.tensor([0, 0, 3]), 5).tolist()  # 1 and 2 above 0 above 3
+    [1, 0, 0, 2, 0]
     """
-    order = torch.argsort(scores, descending=True, stable=True).tolist()
-    levels = torch.empty(len(order), dtype=torch.long)
-    level, top = -1, None
-    for index in order:
-        score = float(scores[index])
-        if top is None or clears_gap(top, score, min_score_gap):
-            level, top = level + 1, score
-        levels[index] = level
-    return levels
+    levels = torch.zeros(num_responses, dtype=torch.long)
+    better, worse = better.cpu(), worse.cpu()
+    for _ in range(num_responses):  # a longest path in a DAG has at most N - 1 edges
+        deeper = levels.scatter_reduce(0, worse, levels[better] + 1, "amax")
+        if torch.equal(deeper, levels):
+            return levels
+        levels = deeper
+    raise ValueError("the comparisons form a cycle: no ranking orders them")
 
 
 def plackett_luce_loss(
-    rewards: torch.Tensor, scores: torch.Tensor, group: torch.Tensor, min_score_gap: float = 0.0
+    rewards: torch.Tensor, better: torch.Tensor, worse: torch.Tensor, group: torch.Tensor
 ) -> torch.Tensor:
     """Negative log-likelihood of each prompt's ranking under Plackett-Luce, averaged over prompts.
 
-    The responses are ranked by score (`tie_levels`); at each level the tied responses are chosen together from
-    those not yet chosen (Breslow's handling of ties): `sum_i(-r_i) + m * logsumexp(r_remaining)` for a level
-    of m responses. The last level adds nothing. For a pair it is `-log sigmoid(r_c - r_r)`.
+    The responses are ranked in the levels of their comparisons (`ranking_levels`); at each level the tied
+    responses are chosen together from those not yet chosen (Breslow's handling of ties):
+    `sum_i(-r_i) + m * logsumexp(r_remaining)` for a level of m responses. The last level is chosen from itself:
+    nothing for one response, a pull together for tied ones (as at any other level). For a pair it is
+    `-log sigmoid(r_c - r_r)`.
 
     Args:
-        rewards, scores, group: `[N]` each response's reward, score and example.
+        rewards, group: `[N]` each response's reward and example.
+        better, worse: `[C]` indices into `rewards` of each comparison's preferred / other response.
     """
+    levels = ranking_levels(better, worse, len(rewards)).to(rewards.device)
     losses = []
     for example in torch.unique(group).tolist():
         member = group == example
-        example_rewards = rewards[member]
-        levels = tie_levels(scores[member].detach().cpu(), min_score_gap).to(rewards.device)
+        example_rewards, example_levels = rewards[member], levels[member]
         stages = [
-            -example_rewards[levels == level].sum()
-            + (levels == level).sum() * torch.logsumexp(example_rewards[levels >= level], dim=0)
-            for level in range(int(levels.max()))
+            -example_rewards[example_levels == level].sum()
+            + (example_levels == level).sum()
+            * torch.logsumexp(example_rewards[example_levels >= level], dim=0)
+            for level in range(int(example_levels.max()) + 1)
         ]
         losses.append(torch.stack(stages).sum())
     return torch.stack(losses).mean()
 
 
-def center_rewards_loss(better_rewards: torch.Tensor, worse_rewards: torch.Tensor) -> torch.Tensor:
-    """`mean((r_better + r_worse)^2)` over comparisons: pulls rewards toward zero mean (TRL's
-    `center_rewards_coefficient` term)."""
-    return ((better_rewards + worse_rewards) ** 2).mean()
+def center_rewards_loss(
+    better_rewards: torch.Tensor, worse_rewards: torch.Tensor, group: torch.Tensor
+) -> torch.Tensor:
+    """`(r_better + r_worse)^2` averaged within each prompt, then over prompts (each prompt one batch element, as
+    in `comparison_loss`): pulls rewards toward zero mean; for pairs it is TRL's `center_rewards_coefficient`
+    term, `mean((r_c + r_r)^2)`."""
+    return group_mean((better_rewards + worse_rewards) ** 2, group).mean()
 
 
 def divergence_span_loss(

@@ -50,14 +50,16 @@ def compute_loss(
     else:
         rewards = batch_rewards(engine, batch, layout)
         if config.listwise_loss == "plackett_luce":
-            loss = plackett_luce_loss(rewards, batch["scores"], batch["response_group"], config.min_score_gap)
+            loss = plackett_luce_loss(rewards, batch["better"], batch["worse"], batch["response_group"])
         else:
             loss = comparison_loss(
                 rewards, batch["better"], batch["worse"], batch["comparison_group"], batch.get("margin")
             )
     better, worse = rewards[batch["better"]], rewards[batch["worse"]]
     if config.center_rewards_coefficient > 0:
-        loss = loss + config.center_rewards_coefficient * center_rewards_loss(better, worse)
+        loss = loss + config.center_rewards_coefficient * center_rewards_loss(
+            better, worse, batch["comparison_group"]
+        )
     return loss, (better > worse).detach()
 
 
@@ -166,7 +168,7 @@ def train(
             batches = batches_of(state.epoch)
 
         # forward and backward each micro-batch; DeepSpeed updates the weights after the last one
-        losses, accuracies = [], []
+        losses, wins, compared = [], 0, 0  # accuracy over the step's comparisons, every micro-batch's
         for micro_step in range(accumulation):
             indices = batches[state.steps_done_in_epoch * accumulation + micro_step]
             batch = to_device(collator([train_examples[i] for i in indices]), engine.device)
@@ -176,7 +178,7 @@ def train(
                 engine.backward(loss)
             engine.step()
             losses.append(loss.detach())
-            accuracies.append(won.float().mean())
+            wins, compared = wins + won.sum(), compared + won.numel()
 
         # the step is done
         state.global_step += 1
@@ -198,7 +200,8 @@ def train(
                 {
                     "step": state.global_step,
                     "loss": mean_loss,
-                    "train_accuracy": mean_over_ranks(torch.stack(accuracies).mean()),
+                    "train_accuracy": mean_over_ranks(wins)
+                    / mean_over_ranks(torch.tensor(float(compared), device=engine.device)),
                     "lr": engine.get_lr()[0],
                     "epoch": state.epoch,
                     "pairs_seen": state.pairs_seen,

@@ -11,7 +11,7 @@ tensors say what to compare (`comparison_tensors`):
     `better`, `worse` LongTensor[C]: indices into the N rewards of each comparison's preferred / other response;
     `comparison_group` LongTensor[C]: the example each comparison belongs to;
     `margin` FloatTensor[C]: only when some comparison has one (a pair's margin column, or a K-wise score gap);
-    `scores` float64 Tensor[N], `response_group` LongTensor[N]: each response's score (a pair: 1 and 0) and example.
+    `response_group` LongTensor[N]: the example of each response.
 Which collator a run uses is decided once, with the rest of the batch layout, in `training/layout.py`.
 """
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from model_utils.packed_attention import SHARED, packed_attention_mask
-from training.data.records import example_comparisons, example_margins, example_responses, example_scores
+from training.data.records import example_comparisons, example_margins, example_responses
 
 
 def response_order(examples: Sequence[dict]) -> list[tuple[int, int]]:
@@ -50,13 +50,10 @@ def comparison_tensors(examples: Sequence[dict], order: list[tuple[int, int]]) -
             worse.append(position[index, second])
             group.append(index)
             margins.append(margin)
-    scores = [example_scores(example) for example in examples]
     batch = {
         "better": torch.tensor(better, dtype=torch.long),
         "worse": torch.tensor(worse, dtype=torch.long),
         "comparison_group": torch.tensor(group, dtype=torch.long),
-        # float64 as loaded: the loss's tie levels must see the values the comparisons were made from.
-        "scores": torch.tensor([scores[index][k] for index, k in order], dtype=torch.float64),
         "response_group": torch.tensor([index for index, _ in order], dtype=torch.long),
     }
     if any(margin is not None for margin in margins):

@@ -168,8 +168,8 @@ GAP_TOLERANCE = 1e-9
 
 def clears_gap(high: float, low: float, min_score_gap: float) -> bool:
     """Whether score `high` beats `low` by at least `min_score_gap` (and by more than rounding): the one rule for
-    comparisons (`comparisons_of`, which the evaluation measures against) and Plackett-Luce's tie levels
-    (`losses.tie_levels`).
+    comparisons (`comparisons_of`), which training (both losses: Plackett-Luce's levels are read from them) and
+    the evaluation use.
 
     >>> clears_gap(0.3, 0.2, 0.1), clears_gap(0.3, 0.25, 0.1), clears_gap(0.1 + 0.2, 0.3, 0.0)
     (True, False, False)

@@ -169,10 +169,5 @@ def example_margins(example: dict) -> list[float | None]:
     return list(example.get("margins") or [None] * len(example["comparisons"]))
 
 
-def example_scores(example: dict) -> list[float]:
-    """Scores of a tokenised example's responses, higher is better: a pair's are `[1.0, 0.0]`."""
-    return list(example["scores"]) if "scores" in example else [1.0, 0.0]
-
-
 def num_comparisons(example: dict) -> int:
     return len(example["comparisons"]) if "comparisons" in example else 1

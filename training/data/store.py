@@ -282,3 +282,8 @@ class ExampleStore(Sequence):
     def has_groups(self) -> bool:
         """Whether some example has K responses rather than chosen/rejected."""
         return any(bool((part.arrays["kinds"] != PAIR).any()) for part in self.parts)
+
+    @property
+    def has_margins(self) -> bool:
+        """Whether some comparison has a margin (a pair's margin column or a group's score-gap margins)."""
+        return any(not np.isnan(part.arrays["margins"]).all() for part in self.parts)
