@@ -473,6 +473,20 @@ def test_plackett_luce_treats_tied_responses_alike_at_the_top_and_at_the_bottom(
     assert rewards.grad[1] > 0 > rewards.grad[2]  # the tied pair is drawn together
 
 
+def test_an_example_without_comparisons_is_left_out_of_the_losses():
+    from training.losses import center_rewards_loss
+
+    # Example 0 has no comparison (the loader drops such rows; the losses do not rely on it).
+    rewards, group = torch.tensor([0.3, -0.2, 1.0, 0.1]), torch.tensor([0, 0, 1, 1])
+    better, worse, comparison_group = torch.tensor([2]), torch.tensor([3]), torch.tensor([1])
+    alone = pairwise_loss(rewards[2:3], rewards[3:])
+    torch.testing.assert_close(plackett_luce_loss(rewards, better, worse, group), alone)
+    torch.testing.assert_close(comparison_loss(rewards, better, worse, comparison_group), alone)
+    assert center_rewards_loss(rewards[better], rewards[worse], comparison_group).item() == pytest.approx(
+        1.21
+    )
+
+
 def test_ranking_statistics_top1_and_kendall_tau():
     # Prompt 0: rewards order 2 > 0 > 1, scores order 0 > 1 > 2; prompt 1: a pair ranked right.
     table = RewardTable(

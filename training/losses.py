@@ -36,14 +36,17 @@ def pairwise_loss(
 
 
 def group_mean(values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """`[G]` means of `values` `[C]` per group id `[C]` (ids 0..G-1, each present).
+    """Means of `values` `[C]` per group id `[C]`, one per id present, in id order (an example without a
+    comparison has no mean, rather than 0/0).
 
-    >>> group_mean(torch.tensor([1.0, 3.0, 5.0]), torch.tensor([0, 0, 1])).tolist()
+    >>> group_mean(torch.tensor([1.0, 3.0, 5.0]), torch.tensor([0, 0, 2])).tolist()
     [2.0, 5.0]
     """
     groups = int(group.max()) + 1
     sums = torch.zeros(groups, dtype=values.dtype, device=values.device).index_add_(0, group, values)
-    return sums / torch.bincount(group, minlength=groups).to(values.dtype)
+    counts = torch.bincount(group, minlength=groups)
+    present = counts > 0
+    return sums[present] / counts[present].to(values.dtype)
 
 
 def comparison_loss(
@@ -79,7 +82,7 @@ def ranking_levels(better: torch.Tensor, worse: torch.Tensor, num_responses: int
     """
     levels = torch.zeros(num_responses, dtype=torch.long)
     better, worse = better.cpu(), worse.cpu()
-    for _ in range(num_responses):  # a longest path in a DAG has at most N - 1 edges
+    for _ in range(num_responses + 1):  # a longest path in a DAG has at most N - 1 edges
         deeper = levels.scatter_reduce(0, worse, levels[better] + 1, "amax")
         if torch.equal(deeper, levels):
             return levels
@@ -95,23 +98,29 @@ def plackett_luce_loss(
     The responses are ranked in the levels of their comparisons (`ranking_levels`); at each level the tied
     responses are chosen together from those not yet chosen (Breslow's handling of ties):
     `sum_i(-r_i) + m * logsumexp(r_remaining)` for a level of m responses. The last level is chosen from itself:
-    nothing for one response, a pull together for tied ones (as at any other level). For a pair it is
-    `-log sigmoid(r_c - r_r)`.
+    nothing for one response, a pull together for tied ones (as at any other level; Breslow's partial likelihood
+    has a factor per level, the last included), so a level of m tied responses never costs less than m log m.
+    For a pair it is `-log sigmoid(r_c - r_r)`. Examples without a comparison are left out.
 
     Args:
         rewards, group: `[N]` each response's reward and example.
         better, worse: `[C]` indices into `rewards` of each comparison's preferred / other response.
     """
-    levels = ranking_levels(better, worse, len(rewards)).to(rewards.device)
+    levels = ranking_levels(better, worse, len(rewards))
+    compared = group[better].cpu().unique().tolist()  # an example without a comparison ranks nothing
+    deepest = torch.zeros(int(group.max()) + 1, dtype=torch.long).scatter_reduce(
+        0, group.cpu(), levels, "amax"
+    )
+    levels = levels.to(rewards.device)
     losses = []
-    for example in torch.unique(group).tolist():
+    for example in compared:
         member = group == example
         example_rewards, example_levels = rewards[member], levels[member]
         stages = [
             -example_rewards[example_levels == level].sum()
             + (example_levels == level).sum()
             * torch.logsumexp(example_rewards[example_levels >= level], dim=0)
-            for level in range(int(example_levels.max()) + 1)
+            for level in range(int(deepest[example]) + 1)
         ]
         losses.append(torch.stack(stages).sum())
     return torch.stack(losses).mean()
