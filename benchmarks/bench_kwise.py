@@ -292,8 +292,8 @@ def experiment(args: argparse.Namespace) -> dict:
                 *eval_flags,
                 "--max_steps",
                 str(steps),
+                *extra,
             ]
-            flags += extra
             commands[name] = "python -m training.train_rm " + " ".join(flags) + f" --output_dir {work / name}"
             print(commands[name], flush=True)
             done = work / f"{name}.json"

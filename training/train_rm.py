@@ -79,7 +79,7 @@ def load_data(config: TrainConfig, tokenizer) -> PreferenceData:
         raise DataError("no evaluation pairs: give --eval_data_path or a positive --eval_fraction")
     if config.loss_type == "dschat" and (data.train.has_groups or data.eval.has_groups):
         raise ConfigError("--loss_type dschat takes pairs only; this data has rows with several responses")
-    if config.listwise_loss == "plackett_luce" and (data.train.has_margins or data.eval.has_margins):
+    if config.listwise_loss == "plackett_luce" and data.train.has_margins:  # evaluation never uses margins
         logger.warning("the data's margins are not used: --listwise_loss plackett_luce has no margin")
     return data
 
