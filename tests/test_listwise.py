@@ -24,7 +24,7 @@ from training.data.collate import PackedCollator, PaddedCollator
 from training.data.listwise import comparisons_of
 from training.data.records import ListwiseOptions, RankedRow
 from training.layout import MASK, SEGMENTS, BatchLayout, batch_rewards
-from training.losses import comparison_loss, pairwise_loss, plackett_luce_loss, ranking_levels
+from training.losses import comparison_loss, pairwise_loss, plackett_luce_loss
 from training.metrics import RewardTable, ranking_statistics
 
 MULTI = (
@@ -226,28 +226,11 @@ def test_ranking_of_whole_conversations_needs_no_prompt(tmp_path):
     assert row.prompt == "" and row.comparisons == [(0, 1)]
 
 
-def test_one_score_gap_rule_for_comparisons_levels_and_decimal_scores(tmp_path):
+def test_one_score_gap_rule_for_comparisons_and_decimal_scores(tmp_path):
     # Gaps equal to --min_score_gap count, however the decimals round in binary.
     assert comparisons_of([0.3, 0.2, 0.1], 0.1) == [(0, 1), (0, 2), (1, 2)]
     assert comparisons_of([8.1, 8.0, 1.0], 0.1) == [(0, 1), (0, 2), (1, 2)]
     assert comparisons_of([0.1 + 0.2, 0.3], 0.0) == []  # equal up to rounding: a tie
-    # Plackett-Luce's levels (from the comparisons) order every comparison, and on scores they are a greedy pass
-    # from the top: a response joins the level of the best score it does not clear the gap below.
-    generator = torch.Generator().manual_seed(0)
-    for trial in range(300):
-        step, gap = (0.1, 0.1) if trial % 3 else (1.0, 1.0)
-        scores = (torch.randint(-30, 30, (int(torch.randint(2, 9, (1,), generator=generator)),),
-                                generator=generator) * step).tolist()  # fmt: skip
-        comparisons = comparisons_of(scores, gap)
-        better, worse = (torch.tensor([c[i] for c in comparisons], dtype=torch.long) for i in (0, 1))
-        levels = ranking_levels(better, worse, len(scores))
-        assert all(levels[b] < levels[w] for b, w in comparisons), (scores, levels)
-        greedy, level, top = {}, -1, None
-        for index in sorted(range(len(scores)), key=lambda i: -scores[i]):
-            if top is None or comparisons_of([top, scores[index]], gap):
-                level, top = level + 1, scores[index]
-            greedy[index] = level
-        assert levels.tolist() == [greedy[i] for i in range(len(scores))], (scores, levels)
     # End to end: a row whose only gap equals the threshold trains under Plackett-Luce (it used to raise).
     path = write_jsonl(
         tmp_path / "gap.jsonl", [{"prompt": "Q", "responses": [" a", " b"], "scores": [3.0, 2.9]}]
@@ -444,33 +427,59 @@ def plackett_luce_of_scores(rewards: torch.Tensor, scores: list[float], gap: flo
     return plackett_luce_loss(rewards, better, worse, torch.zeros(len(scores), dtype=torch.long))
 
 
-def test_plackett_luce_is_bradley_terry_for_pairs_and_handles_ties():
+def plackett_luce_of_ranking(rewards: torch.Tensor) -> torch.Tensor:
+    """Plackett-Luce's negative log-likelihood of `rewards` listed best first, written out stage by stage."""
+    return sum(-rewards[k] + torch.logsumexp(rewards[k:], 0) for k in range(len(rewards) - 1))
+
+
+def test_plackett_luce_is_the_ranking_likelihood_for_strict_rankings_and_batches():
     rewards = torch.tensor([1.5, -0.5])
-    pl = plackett_luce_of_scores(rewards, [1.0, 0.0])
-    torch.testing.assert_close(pl, pairwise_loss(rewards[:1], rewards[1:]))
-    # Scores (3, 1, 1, 0): stage 1 picks the best of all four, stage 2 the tied pair together (Breslow), the last
-    # response adds nothing.
+    torch.testing.assert_close(
+        plackett_luce_of_scores(rewards, [1.0, 0.0]), pairwise_loss(rewards[:1], rewards[1:])
+    )
+    # Random strict rankings of 2-9 responses, several prompts in one batch in shuffled order: the mean of the
+    # prompts' likelihoods, each written out stage by stage.
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        sizes = torch.randint(
+            2, 10, (int(torch.randint(1, 5, (1,), generator=generator)),), generator=generator
+        )
+        group = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+        order = torch.randperm(len(group), generator=generator)
+        group = group[order]
+        rewards = torch.randn(len(group), generator=generator) * 3
+        scores = torch.randperm(len(group), generator=generator).double()  # distinct: a strict ranking
+        pairs = [(i, j) for i in range(len(group)) for j in range(len(group))
+                 if group[i] == group[j] and scores[i] > scores[j]]  # fmt: skip
+        better, worse = (torch.tensor([pair[side] for pair in pairs]) for side in (0, 1))
+        expected = torch.stack([
+            plackett_luce_of_ranking(rewards[group == g][scores[group == g].argsort(descending=True)])
+            for g in range(len(sizes))]).mean()  # fmt: skip
+        torch.testing.assert_close(plackett_luce_loss(rewards, better, worse, group), expected)
+
+
+def test_plackett_luce_ties_give_no_term():
+    # Scores (3, 1, 1, 0): the best is chosen from all four, each tied response from itself and the worst.
     rewards = torch.tensor([2.0, 0.5, 1.0, -1.0], requires_grad=True)
     loss = plackett_luce_of_scores(rewards, [3.0, 1.0, 1.0, 0.0])
     r = rewards.detach()
-    expected = (-r[0] + torch.logsumexp(r, 0)) + (-(r[1] + r[2]) + 2 * torch.logsumexp(r[1:], 0))
+    expected = sum(
+        -r[i] + torch.logsumexp(r[[i, *below]], 0) for i, below in ((0, [1, 2, 3]), (1, [3]), (2, [3]))
+    )
     torch.testing.assert_close(loss, expected)
     loss.backward()
     assert rewards.grad[0] < 0 < rewards.grad[3]  # the best is pushed up, the worst down
-    # A near-tie within the gap shares a stage.
+    # A near-tie within the gap is a tie.
     torch.testing.assert_close(plackett_luce_of_scores(r, [3.0, 1.0, 1.01, 0.0], 0.05), expected)
-
-
-def test_plackett_luce_treats_tied_responses_alike_at_the_top_and_at_the_bottom():
-    # A tied last level is chosen from itself, as any other tied level is: its term pulls the tied rewards
-    # together (it used to be left out, so ties at the bottom were free to spread apart).
-    r = torch.tensor([1.0, -1.0, -3.0])
-    bottom = plackett_luce_of_scores(r, [2.0, 1.0, 1.0])  # A > [B = C]
-    expected = (-r[0] + torch.logsumexp(r, 0)) + (-(r[1] + r[2]) + 2 * torch.logsumexp(r[1:], 0))
-    torch.testing.assert_close(bottom, expected)
-    rewards = torch.tensor([1.0, -1.0, -3.0], requires_grad=True)
-    plackett_luce_of_scores(rewards, [2.0, 1.0, 1.0]).backward()
-    assert rewards.grad[1] > 0 > rewards.grad[2]  # the tied pair is drawn together
+    # A tied last level costs nothing once the better response is well ahead, however far apart the tied
+    # rewards are (Breslow's pull, which made m tied responses cost at least m log m, is gone).
+    for spread in (0.0, 5.0):
+        assert plackett_luce_of_scores(torch.tensor([30.0, 0.0, -spread]), [2.0, 1.0, 1.0]).item() < 1e-6
+    # A gap is not transitive: at gap 0.1, only 3.0 > 2.84 is a comparison, and that is all the loss sees.
+    r = torch.tensor([0.2, 1.0, -0.4])
+    torch.testing.assert_close(
+        plackett_luce_of_scores(r, [3.0, 2.92, 2.84], 0.1), pairwise_loss(r[:1], r[2:])
+    )
 
 
 def test_an_example_without_comparisons_is_left_out_of_the_losses():

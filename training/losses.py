@@ -3,7 +3,7 @@
 bradley_terry      -log sigmoid(r_better - r_worse - margin), per comparison
 pairwise_loss      its mean over pairs (TRL's two-line loss)
 comparison_loss    all-pairs Bradley-Terry: every comparison of a prompt, each prompt one batch element
-plackett_luce_loss the likelihood of each prompt's ranking (levels from its comparisons), ties sharing a stage
+plackett_luce_loss the likelihood of each prompt's ranking, a stage per response its comparisons place above others
 center_rewards_loss, divergence_span_loss (DeepSpeed-Chat's)
 """
 
@@ -69,61 +69,29 @@ def comparison_loss(
     return group_mean(bradley_terry(rewards[better], rewards[worse], margin), group).mean()
 
 
-def ranking_levels(better: torch.Tensor, worse: torch.Tensor, num_responses: int) -> torch.Tensor:
-    """`[N]` rank level of each response, 0 = best, from the comparisons alone: one below the deepest response a
-    comparison places above it (0 when none does). Responses no comparison separates share a level, so the
-    levels order every comparison, and a pair's are 0 and 1 whatever its scores (a pair's preference is given,
-    not scored). On scores, these are the levels of a greedy pass from the top (a response joins the level of the
-    best score it does not clear the gap below); a gap is not transitive, so levels can order two responses that
-    no comparison orders (3.0, 2.92, 2.84, 2.76 at gap 0.1: 2.92 above 2.84).
-
-    >>> ranking_levels(torch.tensor([1, 2, 0]), torch.tensor([0, 0, 3]), 5).tolist()  # 1 and 2 above 0 above 3
-    [1, 0, 0, 2, 0]
-    """
-    levels = torch.zeros(num_responses, dtype=torch.long)
-    better, worse = better.cpu(), worse.cpu()
-    for _ in range(num_responses + 1):  # a longest path in a DAG has at most N - 1 edges
-        deeper = levels.scatter_reduce(0, worse, levels[better] + 1, "amax")
-        if torch.equal(deeper, levels):
-            return levels
-        levels = deeper
-    raise ValueError("the comparisons form a cycle: no ranking orders them")
-
-
 def plackett_luce_loss(
     rewards: torch.Tensor, better: torch.Tensor, worse: torch.Tensor, group: torch.Tensor
 ) -> torch.Tensor:
-    """Negative log-likelihood of each prompt's ranking under Plackett-Luce, averaged over prompts.
+    """Negative log-likelihood of each prompt's ranking under Plackett-Luce, summed over the prompt's stages and
+    averaged over prompts.
 
-    The responses are ranked in the levels of their comparisons (`ranking_levels`); at each level the tied
-    responses are chosen together from those not yet chosen (Breslow's handling of ties):
-    `sum_i(-r_i) + m * logsumexp(r_remaining)` for a level of m responses. The last level is chosen from itself:
-    nothing for one response, a pull together for tied ones (as at any other level; Breslow's partial likelihood
-    has a factor per level, the last included), so a level of m tied responses never costs less than m log m.
-    For a pair it is `-log sigmoid(r_c - r_r)`. Examples without a comparison are left out.
+    Each response that a comparison places above another is a stage: it is chosen first from itself and the
+    responses its comparisons place below it, `-r_i + logsumexp(r_i, r_worse(i))`. For a strict ranking these are
+    Plackett-Luce's stages (the rest of the ranking lies below each response); for a pair, `-log sigmoid(r_c -
+    r_r)`. Tied responses (no comparison between them) share no stage, so a tie gives no term, as it gives no
+    comparison to `pairs`: the loss neither pulls tied rewards together nor apart, and it tends to 0. Examples
+    without a comparison are left out.
 
     Args:
         rewards, group: `[N]` each response's reward and example.
         better, worse: `[C]` indices into `rewards` of each comparison's preferred / other response.
     """
-    levels = ranking_levels(better, worse, len(rewards))
-    compared = group[better].cpu().unique().tolist()  # an example without a comparison ranks nothing
-    deepest = torch.zeros(int(group.max()) + 1, dtype=torch.long).scatter_reduce(
-        0, group.cpu(), levels, "amax"
-    )
-    levels = levels.to(rewards.device)
-    losses = []
-    for example in compared:
-        member = group == example
-        example_rewards, example_levels = rewards[member], levels[member]
-        stages = [
-            -example_rewards[example_levels == level].sum()
-            + (example_levels == level).sum()
-            * torch.logsumexp(example_rewards[example_levels >= level], dim=0)
-            for level in range(int(deepest[example]) + 1)
-        ]
-        losses.append(torch.stack(stages).sum())
-    return torch.stack(losses).mean()
+    top = rewards.detach().scatter_reduce(0, better, rewards.detach()[worse], "amax")  # a stable logsumexp
+    total = (rewards - top).exp().index_add(0, better, (rewards[worse] - top[better]).exp())
+    stages = top + total.log() - rewards  # exactly 0, gradient too, for a response with nothing below it
+    groups = int(group.max()) + 1
+    sums = torch.zeros(groups, dtype=rewards.dtype, device=rewards.device).index_add(0, group, stages)
+    return sums[torch.bincount(group[better], minlength=groups) > 0].mean()
 
 
 def center_rewards_loss(
