@@ -11,8 +11,8 @@ Layouts (`LISTWISE_LAYOUTS`; the prompt is text or chat messages, each response 
 
 Two responses give a comparison `(better, worse)` when the better one's score exceeds the other's by at least
 `min_score_gap` (and by more than 0), up to the rounding of decimal scores (`clears_gap`, the one definition:
-both losses and the evaluation read the comparisons it makes, Plackett-Luce its levels too): ties and near-ties
-give none. Empty and repeated responses are dropped from their row
+both losses and the evaluation read the comparisons it makes, and nothing else): ties and near-ties give
+none. Empty and repeated responses are dropped from their row
 and counted (a response is its own turns: one that repeats the prompt's turns is the same response without
 them); a response given twice with different scores is dropped, every copy, and counted as `conflicting_scores`.
 A row left without a comparison (all scores tied, fewer than two distinct responses) is skipped and counted, never
@@ -168,8 +168,7 @@ GAP_TOLERANCE = 1e-9
 
 def clears_gap(high: float, low: float, min_score_gap: float) -> bool:
     """Whether score `high` beats `low` by at least `min_score_gap` (and by more than rounding): the one rule for
-    comparisons (`comparisons_of`), which training (both losses: Plackett-Luce's levels are read from them) and
-    the evaluation use.
+    comparisons (`comparisons_of`), which training (both losses) and the evaluation use.
 
     >>> clears_gap(0.3, 0.2, 0.1), clears_gap(0.3, 0.25, 0.1), clears_gap(0.1 + 0.2, 0.3, 0.0)
     (True, False, False)
