@@ -76,11 +76,12 @@ def plackett_luce_loss(
     averaged over prompts.
 
     Each response that a comparison places above another is a stage: it is chosen first from itself and the
-    responses its comparisons place below it, `-r_i + logsumexp(r_i, r_worse(i))`. For a strict ranking these are
-    Plackett-Luce's stages (the rest of the ranking lies below each response); for a pair, `-log sigmoid(r_c -
-    r_r)`. Tied responses (no comparison between them) share no stage, so a tie gives no term, as it gives no
-    comparison to `pairs`: the loss neither pulls tied rewards together nor apart, and it tends to 0. Examples
-    without a comparison are left out.
+    responses its comparisons place below it, `-r_i + logsumexp(r_i, r_worse(i))`. When every two responses are
+    compared (a strict ranking) these are Plackett-Luce's stages, each response chosen from the rest of the
+    ranking; for a pair, `-log sigmoid(r_c - r_r)`. Two responses no comparison orders (a tie, a gap below
+    `--min_score_gap`) meet in no stage of each other, as they give `pairs` no comparison: tied rewards are neither
+    pulled together (Breslow's tie rule, which cost accuracy on real data: README) nor apart, and the loss goes to
+    0 as the better responses pull ahead. Examples without a comparison are left out.
 
     Args:
         rewards, group: `[N]` each response's reward and example.
