@@ -79,7 +79,7 @@ def plackett_luce_loss(
     responses its comparisons place below it, `-r_i + logsumexp(r_i, r_worse(i))`. When every two responses are
     compared (a strict ranking) these are Plackett-Luce's stages, each response chosen from the rest of the
     ranking; for a pair, `-log sigmoid(r_c - r_r)`. Two responses no comparison orders (a tie, a gap below
-    `--min_score_gap`): neither enters the other's stage, as they give `pairs` no comparison: tied rewards are neither
+    `--min_score_gap`) enter neither one's stage, as they give `pairs` no comparison. So tied rewards are neither
     pulled together (Breslow's tie rule, which cost accuracy on real data: README) nor apart, and the loss goes to
     0 as the better responses pull ahead. Examples without a comparison are left out.
 
